@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from models.utils import MLP, gen_sineembed_for_position, get_activation_fn, get_clones
+
+
+def test_mlp_keys_shapes_and_relu_between_layers():
+    mlp = MLP(8, 16, 4, 3)
+    assert {k: tuple(v.shape) for k, v in mlp.state_dict().items()} == {
+        'layers.0.weight': (16, 8), 'layers.0.bias': (16,),
+        'layers.1.weight': (16, 16), 'layers.1.bias': (16,),
+        'layers.2.weight': (4, 16), 'layers.2.bias': (4,)}
+    x = torch.randn(2, 5, 8)
+    expected = mlp.layers[2](torch.relu(mlp.layers[1](torch.relu(mlp.layers[0](x)))))
+    torch.testing.assert_close(mlp(x), expected)
+
+
+def test_mlp_single_layer_is_linear_without_activation():
+    mlp = MLP(3, 99, 2, 1)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(mlp(x), mlp.layers[0](x))
+    with pytest.raises(ValueError, match='num_layers'):
+        MLP(3, 3, 3, 0)
+
+
+def _naive_sine(value: float, num_feats: int) -> list[float]:
+    out = []
+    for i in range(num_feats):
+        angle = value * 2 * math.pi / 10000 ** (2 * (i // 2) / num_feats)
+        out.append(math.sin(angle) if i % 2 == 0 else math.cos(angle))
+    return out
+
+
+def test_sineembed_matches_formula_and_dino_order():
+    box = torch.tensor([[[0.1, 0.7, 0.3, 0.05]]])  # (1, 1, 4) as (cx, cy, w, h)
+    emb = gen_sineembed_for_position(box, num_pos_feats=8)
+    assert emb.shape == (1, 1, 32)
+    expected = (_naive_sine(0.7, 8) + _naive_sine(0.1, 8) + _naive_sine(0.3, 8) + _naive_sine(0.05, 8))
+    torch.testing.assert_close(emb[0, 0], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    # the 2-d form is the first half of the 4-d form: [emb(y), emb(x)]
+    torch.testing.assert_close(gen_sineembed_for_position(box[..., :2], num_pos_feats=8), emb[..., :16])
+
+
+def test_sineembed_default_width_is_dino_256_model():
+    assert gen_sineembed_for_position(torch.rand(5, 2, 4)).shape == (5, 2, 512)
+    with pytest.raises(ValueError, match='last dim'):
+        gen_sineembed_for_position(torch.rand(5, 3))
+
+
+def test_get_clones_copies_or_shares():
+    layer = nn.Linear(2, 2)
+    copies = get_clones(layer, 3)
+    assert len(copies) == 3 and all(c is not layer for c in copies)
+    assert copies[0].weight.data_ptr() != copies[1].weight.data_ptr()
+    torch.testing.assert_close(copies[2].weight, layer.weight)
+    shared = get_clones(layer, 3, layer_share=True)
+    assert all(c is layer for c in shared)
+
+
+def test_get_activation_fn():
+    x = torch.tensor([-1.0, 2.0])
+    torch.testing.assert_close(get_activation_fn('relu')(x), torch.tensor([0.0, 2.0]))
+    with pytest.raises(ValueError, match="'swish'"):
+        get_activation_fn('swish')
