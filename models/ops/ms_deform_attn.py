@@ -1,0 +1,112 @@
+"""`MSDeformAttn`: the multi-scale deformable attention layer of Deformable DETR, as used by DINO and CAFF-DINO.
+
+Follows Deformable-DETR `models/ops/modules/ms_deform_attn.py` (identical in DINO): same parameter names
+(`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`), shapes and initialisation, so public DINO
+weights load unchanged. Differences: the op is chosen at call time (`ms_deform_attn_func.py`, nothing compiled at
+import), fp16/bf16 run the op in fp32 and cast back, the level shapes may be passed as a Python list, and a
+d_model not divisible by n_heads is an error (the reference's power-of-two head-size warning is dropped: the
+kernels here have no such preference).
+"""
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .ms_deform_attn_func import ms_deform_attn
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to n_points sampled positions per head and level around its reference point.
+
+    With M heads, L levels, P points and head size D = d_model / M:
+        offsets  = sampling_offsets(query)                       (N, Lq, M, L, P, 2)
+        weights  = softmax over L*P of attention_weights(query)  (N, Lq, M, L, P)
+        loc      = ref + offsets / (W_l, H_l)                    for 2-d reference points (x, y)
+        loc      = ref_xy + offsets / P * ref_wh * 0.5           for 4-d reference boxes (cx, cy, w, h), DINO
+        out      = output_proj(ms_deform_attn(value_proj(input_flatten), loc, weights))
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 im2col_step: int = 64):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"MSDeformAttn: d_model ({d_model}) must be divisible by n_heads ({n_heads}); "
+                             "change hidden_dim or nheads")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.im2col_step = im2col_step
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Reference init: zero offset weights and a bias that spreads each head's points along its own direction.
+
+        Head h points along angle 2*pi*h/M, as (cos, sin) scaled so its larger component is +-1; point p (0-based)
+        sits at (p + 1) times that vector, on every level. Attention logits start at 0 (uniform weights).
+        """
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], dim=-1)
+        directions = directions / directions.abs().max(dim=-1, keepdim=True).values
+        scale = torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        bias = directions.view(self.n_heads, 1, 1, 2) * scale
+        bias = bias.expand(self.n_heads, self.n_levels, self.n_points, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
+                input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
+                input_padding_mask: torch.Tensor | None = None,
+                spatial_shapes_list: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """
+        Args:
+            query: (N, Lq, C).
+            reference_points: (N, Lq, L, 2) as (x, y) in [0, 1], or (N, Lq, L, 4) as (cx, cy, w, h) in [0, 1],
+                relative to each level's padded map.
+            input_flatten: (N, S, C), levels flattened and concatenated, S = sum_l H_l * W_l.
+            input_spatial_shapes: (L, 2) int64 (H_l, W_l).
+            input_level_start_index: (L,) int64 offset of each level in S.
+            input_padding_mask: (N, S) bool, True on padding (its value is zeroed), or None.
+            spatial_shapes_list: optional [(H_l, W_l)] as Python ints (lets the pytorch path avoid a host sync).
+
+        Returns:
+            (N, Lq, C).
+        """
+        n, lq, _ = query.shape
+        _, s, _ = input_flatten.shape
+        m, n_levels, n_points = self.n_heads, self.n_levels, self.n_points
+        if tuple(input_spatial_shapes.shape) != (n_levels, 2):
+            raise ValueError(f"MSDeformAttn: input_spatial_shapes must be ({n_levels}, 2) for n_levels={n_levels}, "
+                             f"got {tuple(input_spatial_shapes.shape)}")
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(n, s, m, self.d_model // m)
+        offsets = self.sampling_offsets(query).view(n, lq, m, n_levels, n_points, 2)
+        weights = self.attention_weights(query).view(n, lq, m, n_levels * n_points).softmax(-1)
+        weights = weights.view(n, lq, m, n_levels, n_points)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: divide by (W_l, H_l).
+            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError("MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape "
+                             f"{tuple(reference_points.shape)}")
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
+                             self.im2col_step, spatial_shapes_list)
+        return self.output_proj(out)
