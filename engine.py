@@ -1,0 +1,161 @@
+"""One training epoch and one COCO evaluation pass of a paired RGB+IR detector.
+
+Follows CAFF-DINO's ``engine.py`` (``train_one_epoch``, ``evaluate``; itself DINO's with two inputs). What differs:
+- Backbone freezing is not done here (the reference re-freezes each epoch); the model is built frozen.
+- AMP: only the model's forward runs under autocast (bfloat16 on CPU, float16 + GradScaler on CUDA); the loss is
+  computed in float32 on float32 copies of the outputs. The MSDeformAttn op keeps itself in float32.
+- A non-finite loss raises ``NonFiniteLossError`` naming the epoch, the step and every loss term, instead of
+  ``sys.exit(1)``; the caller keeps the last good checkpoint (the current epoch is never saved).
+- The loss used for that check is the one averaged over ranks, so all ranks stop together under DDP.
+- ``evaluate`` runs on CPU (the reference criterion hard-codes ``.to('cuda')``), prints the COCO summary and a
+  per-class AP table on the main process, and writes the detections as a COCO results JSON.
+"""
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from datasets.coco_eval import CocoEvaluator
+from util import dist
+from util.metric_logger import MetricLogger, SmoothedValue
+
+logger = logging.getLogger('caff_dino')
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+def _float32(obj):
+    """``obj`` with every floating tensor (nested in dicts / lists / tuples) cast to float32."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _float32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_float32(v) for v in obj)
+    return obj
+
+
+def _autocast(device: torch.device, enabled: bool):
+    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def _targets_to(targets, device: torch.device) -> list[dict]:
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+
+
+def weighted_loss(loss_dict: dict, weight_dict: dict) -> torch.Tensor:
+    """``sum_k weight_dict[k] * loss_dict[k]`` over the terms that have a weight (the rest are logged only)."""
+    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    clip_max_norm: float = 0.0, amp: bool = False, scaler: torch.amp.GradScaler | None = None,
+                    ema=None, print_freq: int = 10) -> dict[str, float]:
+    """Train for one pass over ``data_loader`` of ``(NestedTensor rgb, NestedTensor ir, targets)`` batches.
+
+    Per step: ``loss = sum_k w_k * L_k`` (``criterion.weight_dict``), backward, gradient clipping to
+    ``clip_max_norm`` (0 disables), optimiser step, EMA update. Returns the epoch averages of ``loss``, every
+    weighted term (``loss_ce``, ``loss_bbox_0``, ...), every unweighted term (``*_unscaled``) and ``lr``.
+    """
+    model.train()
+    criterion.train()
+    weight_dict = criterion.weight_dict
+    metric_logger = MetricLogger(delimiter='  ')
+    metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
+    for step, (samples_rgb, samples_ir, targets) in enumerate(
+            metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', logger)):
+        samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
+        targets = _targets_to(targets, device)
+        with _autocast(device, amp):
+            outputs = model(samples_rgb, samples_ir, targets)
+        loss_dict = criterion(_float32(outputs), targets)
+        losses = weighted_loss(loss_dict, weight_dict)
+
+        reduced = dist.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+        reduced_weighted = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+        loss_value = sum(reduced_weighted.values()).item()
+        if not math.isfinite(loss_value):
+            terms = ', '.join(f'{k}={v.item():.4g}' for k, v in reduced_weighted.items())
+            raise NonFiniteLossError(
+                f'loss is {loss_value} at epoch {epoch}, step {step}; stopping. Loss terms: {terms}')
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(losses).backward()
+            if clip_max_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            losses.backward()
+            if clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+            optimizer.step()
+        if ema is not None:
+            ema.update(model.module if hasattr(model, 'module') else model)
+
+        metric_logger.update(loss=loss_value, **reduced_weighted,
+                             **{f'{k}_unscaled': v for k, v in reduced.items()})
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+    metric_logger.synchronize_between_processes()
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds,
+             device: torch.device, output_dir: str | None = None, amp: bool = False,
+             print_freq: int = 10) -> tuple[dict, CocoEvaluator]:
+    """Run the model over ``data_loader`` and score it with COCO bbox metrics against ``base_ds`` (a ``COCO``).
+
+    Returns ``(stats, evaluator)``; ``stats`` holds the averaged weighted loss terms, ``coco_eval_bbox`` (the 12
+    COCO numbers, AP first) and ``coco_eval_per_class`` ({class: [AP, AP50]}). With ``output_dir`` the main process
+    writes the detections to ``output_dir/detections_bbox.json``. Every rank returns the same stats.
+    """
+    model.eval()
+    criterion.eval()
+    weight_dict = criterion.weight_dict
+    evaluator = CocoEvaluator(base_ds)
+    metric_logger = MetricLogger(delimiter='  ')
+    for samples_rgb, samples_ir, targets in metric_logger.log_every(data_loader, print_freq, 'Test:', logger):
+        samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
+        targets = _targets_to(targets, device)
+        with _autocast(device, amp):
+            outputs = model(samples_rgb, samples_ir)
+        outputs = _float32(outputs)
+        loss_dict = dist.reduce_dict(criterion(outputs, targets))
+        weighted = {k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict}
+        metric_logger.update(loss=sum(weighted.values()).item(), **weighted)
+
+        orig_sizes = torch.stack([t['orig_size'] for t in targets], dim=0)
+        results = postprocessors['bbox'](outputs, orig_sizes)
+        evaluator.update({int(t['image_id']): r for t, r in zip(targets, results)})
+
+    metric_logger.synchronize_between_processes()
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    summary = evaluator.summarize()
+    if dist.is_main_process():
+        logger.info(summary.rstrip('\n'))
+        if output_dir:
+            evaluator.write_results(os.path.join(output_dir, 'detections_bbox.json'))
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats['coco_eval_bbox'] = evaluator.stats.tolist()
+    stats['coco_eval_per_class'] = {name: [ap, ap50] for name, ap, ap50 in evaluator.per_class}
+    return stats, evaluator
+
+
+def log_line(path: str, record: dict) -> None:
+    """Append one JSON line to ``path`` (``log.txt``), flushed to disk."""
+    with open(path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,141 @@
+"""util/checkpoint.py: atomic saves, weights-only loads, partial loads with a report, DDP prefixes, resume."""
+import argparse
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from util import checkpoint as ckpt
+from util.checkpoint import CheckpointError
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.backbone = nn.Linear(4, 8)
+        self.class_embed = nn.Linear(8, num_classes)
+
+
+class NotAllowed:
+    """A class outside the weights-only allow-list."""
+
+
+def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / 'checkpoint.pth')
+    ckpt.save_checkpoint({'model': {'w': torch.ones(2)}, 'epoch': 0}, path)
+    real_save = torch.save
+
+    def save_then_die(obj, f):
+        real_save(obj, f)
+        f.truncate(10)
+        raise KeyboardInterrupt('killed mid-save')
+
+    monkeypatch.setattr(torch, 'save', save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint({'model': {'w': torch.zeros(2)}, 'epoch': 1}, path)
+    monkeypatch.setattr(torch, 'save', real_save)
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded['epoch'] == 0 and torch.equal(loaded['model']['w'], torch.ones(2))
+    assert os.listdir(tmp_path) == ['checkpoint.pth']
+
+
+def test_namespace_is_allowed_other_objects_need_the_unsafe_flag(tmp_path):
+    ok = tmp_path / 'ref.pth'
+    torch.save({'model': {'w': torch.ones(1)}, 'args': argparse.Namespace(lr=1e-4)}, ok)
+    assert ckpt.load_checkpoint(str(ok))['args'].lr == 1e-4
+
+    unsafe = tmp_path / 'unsafe.pth'
+    torch.save({'model': {'w': torch.ones(1)}, 'extra': NotAllowed()}, unsafe)
+    with pytest.raises(CheckpointError, match='--allow_unsafe_checkpoint'):
+        ckpt.load_checkpoint(str(unsafe))
+    assert isinstance(ckpt.load_checkpoint(str(unsafe), allow_unsafe=True)['extra'], NotAllowed)
+
+
+@pytest.mark.parametrize('content', [b'', b'not a checkpoint at all', None])
+def test_unreadable_or_truncated_files_raise_one_line_errors(tmp_path, content):
+    path = tmp_path / 'bad.pth'
+    if content is None:
+        torch.save({'model': {'w': torch.randn(100)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        ckpt.load_checkpoint(str(path))
+    assert str(path) in str(info.value) and '\n' not in str(info.value)
+
+
+def test_missing_file_and_non_checkpoint_dict(tmp_path):
+    with pytest.raises(CheckpointError, match='does not exist'):
+        ckpt.load_checkpoint(str(tmp_path / 'nope.pth'))
+    path = tmp_path / 'odd.pth'
+    torch.save({'weights': [1, 2]}, path)
+    with pytest.raises(CheckpointError, match='no "model" entry'):
+        ckpt.load_checkpoint(str(path))
+
+
+def test_bare_state_dict_is_wrapped(tmp_path):
+    path = tmp_path / 'bare.pth'
+    torch.save(Net().state_dict(), path)
+    assert set(ckpt.load_checkpoint(str(path))['model']) == set(Net().state_dict())
+
+
+def test_partial_load_skips_shape_mismatch_and_ignored_keys_and_reports_them():
+    source = Net(num_classes=5)
+    target = Net(num_classes=3)
+    before = target.class_embed.weight.clone()
+    state = {**source.state_dict(), 'extra.weight': torch.zeros(1)}
+    report = ckpt.load_partial_state_dict(target, state, ignore=['backbone.bias'], source='test')
+    assert torch.equal(target.backbone.weight, source.backbone.weight)
+    assert torch.equal(target.class_embed.weight, before)
+    assert [k for k, _, _ in report.skipped_shape] == ['class_embed.weight', 'class_embed.bias']
+    assert report.skipped_shape[0][1:] == ((5, 8), (3, 8))
+    assert report.ignored == ['backbone.bias'] and report.unexpected == ['extra.weight']
+    assert report.loaded == ['backbone.weight']
+    assert set(report.new) == {'backbone.bias', 'class_embed.weight', 'class_embed.bias'}
+    text = report.summary()
+    assert 'class_embed.weight: checkpoint [5, 8] vs model [3, 8]' in text and 'skipped, shape mismatch: 2' in text
+
+
+def test_wrapped_model_and_prefixed_source_lose_no_key():
+    source = Net()
+    prefixed = {f'module.{k}': v for k, v in source.state_dict().items()}
+    wrapped = nn.DataParallel(Net())
+    report = ckpt.load_partial_state_dict(wrapped, prefixed)
+    assert len(report.loaded) == 4 and not report.new and not report.unexpected
+    assert torch.equal(wrapped.module.class_embed.bias, source.class_embed.bias)
+
+
+def test_pretrained_caff_path_reports_other_num_classes(tmp_path):
+    path = str(tmp_path / 'caff.pth')
+    ckpt.save_checkpoint({'model': Net(num_classes=91).state_dict()}, path)
+    report = ckpt.load_pretrained_caff(Net(num_classes=3), path)
+    assert {k for k, _, _ in report.skipped_shape} == {'class_embed.weight', 'class_embed.bias'}
+
+
+def test_resume_restores_model_optimizer_scheduler_and_epoch(tmp_path):
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    model.class_embed(model.backbone(torch.randn(2, 4))).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    path = str(tmp_path / 'checkpoint.pth')
+    ckpt.save_checkpoint({'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                          'lr_scheduler': scheduler.state_dict(), 'epoch': 4, 'best_metric': 0.5,
+                          'best_epoch': 3}, path)
+    fresh = Net()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, 1)
+    state = ckpt.resume_from(path, fresh, fresh_opt, fresh_sched)
+    assert state == {'start_epoch': 5, 'best_metric': 0.5, 'best_epoch': 3}
+    assert torch.equal(fresh.backbone.weight, model.backbone.weight)
+    assert fresh_sched.last_epoch == 1 and fresh_opt.param_groups[0]['lr'] == pytest.approx(1e-4)
+    assert torch.equal(fresh_opt.state_dict()['state'][0]['exp_avg'], optimizer.state_dict()['state'][0]['exp_avg'])
+
+
+def test_resume_into_another_architecture_is_a_checkpoint_error(tmp_path):
+    path = str(tmp_path / 'checkpoint.pth')
+    ckpt.save_checkpoint({'model': Net(num_classes=5).state_dict(), 'epoch': 0}, path)
+    with pytest.raises(CheckpointError, match='--pretrain_model_path'):
+        ckpt.resume_from(path, Net(num_classes=3))

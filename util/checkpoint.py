@@ -1,0 +1,207 @@
+"""Checkpoint I/O: atomic saves, safe loads, and the ways weights enter a model.
+
+Covers what CAFF-DINO's ``main.py`` does inline for ``--resume``, ``--pretrain_model_coco``,
+``--pretrain_model_path`` and ``--finetune_ignore``; what differs from the reference:
+- Saves are atomic: the file is written next to its target, fsync'ed, then renamed over it, so a crash mid-save
+  (kill -9, full disk) leaves the previous checkpoint intact. The reference writes in place.
+- Loads use ``torch.load(weights_only=True)`` with an allow-list (``argparse.Namespace``, which the released DINO
+  and CAFF checkpoints store under ``'args'``); anything else needs ``allow_unsafe=True``
+  (``--allow_unsafe_checkpoint``). The reference unpickles everything, and fails on torch >= 2.6.
+- Pretrained weights are checked against the model: keys whose shape differs (e.g. a class head for another
+  num_classes) are skipped and reported, never silently. The reference raises a size mismatch error instead.
+- Keys are matched against the unwrapped model and a ``module.`` prefix is stripped from sources, so loading under
+  DDP loses nothing (the reference drops the transformer and heads there).
+- A summary of loaded / newly initialised / skipped / ignored keys is returned (``LoadReport``) and logged.
+"""
+import argparse
+import os
+import pickle
+import tempfile
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+# Types a checkpoint may contain beyond tensors and containers of plain values. The reference checkpoints hold
+# their run arguments as an argparse.Namespace.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit: the message names the file and what to do."""
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """Write ``obj`` with ``torch.save`` so that ``path`` holds either the old or the new file, never a partial one.
+
+    The bytes go to a temporary file in the same directory, are flushed and fsync'ed, and the file is renamed onto
+    ``path`` (atomic on POSIX); the directory is fsync'ed so the rename itself survives a crash.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
+    """Load a checkpoint on the CPU. A bare state dict is returned as ``{'model': state_dict}``.
+
+    Raises ``CheckpointError`` (one line naming the file) when it is missing, truncated, not a checkpoint, or
+    holds objects outside ``SAFE_GLOBALS`` while ``allow_unsafe`` is False.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist: check the path')
+    try:
+        if allow_unsafe:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+        else:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            raise CheckpointError(
+                f'checkpoint {path!r} contains objects outside the weights-only allow-list ({reason}); if you '
+                'trust the file, pass --allow_unsafe_checkpoint') from None
+        raise CheckpointError(f'checkpoint {path!r} is unreadable ({reason}): is it a torch checkpoint?') from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f'checkpoint {path!r} is unreadable ({reason}): the file is truncated or not a torch checkpoint') from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, expected a dict')
+    if 'model' not in checkpoint:
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            return {'model': checkpoint}
+        raise CheckpointError(f'checkpoint {path!r} has no "model" entry (keys: {sorted(checkpoint)[:8]})')
+    return checkpoint
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper (the model itself otherwise)."""
+    return model.module if hasattr(model, 'module') and isinstance(model.module, nn.Module) else model
+
+
+def strip_module_prefix(state_dict: dict) -> dict:
+    """Drop a leading ``module.`` (left by saving a DDP-wrapped model) from every key."""
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def _group(keys) -> str:
+    """``'conv_corr: 168, redim_corr: 16'``: keys counted by their first name component."""
+    counts = Counter(k.split('.')[0] for k in keys)
+    return ', '.join(f'{name}: {n}' for name, n in counts.most_common())
+
+
+@dataclass
+class LoadReport:
+    """What a partial load did. ``skipped_shape`` holds ``(key, source shape, model shape)``."""
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    skipped_shape: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f'{self.source}: loaded {len(self.loaded)} tensors'
+                 + (f' ({_group(self.loaded)})' if self.loaded else '')]
+        lines.append(f'  newly initialised (no source tensor): {len(self.new)}'
+                     + (f' ({_group(self.new)})' if self.new else ''))
+        lines.append(f'  skipped, shape mismatch: {len(self.skipped_shape)}')
+        lines += [f'    {k}: checkpoint {list(src)} vs model {list(dst)}' for k, src, dst in self.skipped_shape]
+        lines.append(f'  ignored by --finetune_ignore: {len(self.ignored)}'
+                     + (f' ({_group(self.ignored)})' if self.ignored else ''))
+        lines.append(f'  not in the model (unused): {len(self.unexpected)}'
+                     + (f' ({_group(self.unexpected)})' if self.unexpected else ''))
+        return '\n'.join(lines)
+
+
+def load_partial_state_dict(model: nn.Module, state_dict: dict, ignore: list[str] | tuple = (),
+                            source: str = 'checkpoint') -> LoadReport:
+    """Load every tensor of ``state_dict`` whose key is in ``model`` with the same shape; report the rest.
+
+    ``ignore``: substrings; a key containing any of them is not loaded (``--finetune_ignore``, as in the reference).
+    Works on a DDP-wrapped model (keys are matched against the unwrapped one).
+    """
+    target = unwrap_model(model)
+    model_state = target.state_dict()
+    state_dict = strip_module_prefix(state_dict)
+    report = LoadReport(source=source)
+    to_load = {}
+    for key, value in state_dict.items():
+        if any(s in key for s in ignore):
+            report.ignored.append(key)
+        elif key not in model_state:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(model_state[key].shape):
+            report.skipped_shape.append((key, tuple(value.shape), tuple(model_state[key].shape)))
+        else:
+            to_load[key] = value
+    target.load_state_dict(to_load, strict=False)
+    report.loaded = list(to_load)
+    report.new = [k for k in model_state if k not in to_load]
+    return report
+
+
+def load_pretrained_caff(model: nn.Module, path: str, ignore=(), allow_unsafe: bool = False) -> LoadReport:
+    """``--pretrain_model_path``: initialise from a CAFF-DINO checkpoint; shape mismatches are skipped."""
+    checkpoint = load_checkpoint(path, allow_unsafe)
+    return load_partial_state_dict(model, checkpoint['model'], ignore, source=f'--pretrain_model_path {path}')
+
+
+def load_pretrained_coco(model: nn.Module, path: str, ignore=(), allow_unsafe: bool = False) -> LoadReport:
+    """``--pretrain_model_coco``: initialise both branches from a mono-spectral DINO checkpoint.
+
+    The key mapping (``backbone.*`` -> both backbones, ``input_proj.*`` -> both projections, the rest unchanged)
+    is ``models.map_dino_to_caff``; the fusion (``conv_corr``, ``redim_corr``) keeps its fresh initialisation.
+    """
+    from models import map_dino_to_caff
+    checkpoint = load_checkpoint(path, allow_unsafe)
+    mapped = map_dino_to_caff(strip_module_prefix(checkpoint['model']))
+    return load_partial_state_dict(model, mapped, ignore, source=f'--pretrain_model_coco {path}')
+
+
+def resume_from(path: str, model: nn.Module, optimizer=None, lr_scheduler=None, ema=None,
+                allow_unsafe: bool = False) -> dict:
+    """``--resume``: restore the model strictly and, when given, optimizer, scheduler and EMA.
+
+    Returns ``{'start_epoch', 'best_metric', 'best_epoch'}``. A model whose keys or shapes differ from the
+    checkpoint raises ``CheckpointError`` (resuming is not fine-tuning: use ``--pretrain_model_path`` for that).
+    """
+    checkpoint = load_checkpoint(path, allow_unsafe)
+    state = strip_module_prefix(checkpoint['model'])
+    try:
+        unwrap_model(model).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f'--resume {path!r} does not match the model ({" ".join(first[:2])[:300]}); was it saved with '
+            'another config? Use --pretrain_model_path to fine-tune from it instead') from None
+    if optimizer is not None and 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    if lr_scheduler is not None and 'lr_scheduler' in checkpoint:
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if ema is not None and 'ema_model' in checkpoint:
+        ema.module.load_state_dict(strip_module_prefix(checkpoint['ema_model']))
+    return {
+        'start_epoch': int(checkpoint.get('epoch', -1)) + 1,
+        'best_metric': float(checkpoint.get('best_metric', float('-inf'))),
+        'best_epoch': int(checkpoint.get('best_epoch', -1)),
+    }
