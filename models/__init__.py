@@ -16,24 +16,6 @@ does not pull in the whole detector.
 __all__ = ['build_model']
 
 
-def _loss_weight_dict(cls_coef: float, bbox_coef: float, giou_coef: float, use_dn: bool, aux_loss: bool,
-                      num_decoder_layers: int, interm_coef: float) -> dict[str, float]:
-    """DINO's loss weights: main terms, ``_dn`` copies, ``_{i}`` per auxiliary decoder layer, ``_interm``.
-
-    The auxiliary copies include the DN terms; the encoder (``_interm``) terms do not, as in DINO's build_dino.
-    """
-    base = {'loss_ce': cls_coef, 'loss_bbox': bbox_coef, 'loss_giou': giou_coef}
-    per_layer = dict(base)
-    if use_dn:
-        per_layer.update({f'{k}_dn': v for k, v in base.items()})
-    weights = dict(per_layer)
-    if aux_loss:
-        for i in range(num_decoder_layers - 1):
-            weights.update({f'{k}_{i}': v for k, v in per_layer.items()})
-    weights.update({f'{k}_interm': v * interm_coef for k, v in base.items()})
-    return weights
-
-
 def build_model(cfg):
     """Build the CAFF-DINO detector, its SetCriterion and ``{'bbox': PostProcess}`` from a config.
 
@@ -46,7 +28,7 @@ def build_model(cfg):
     """
     from .backbones import build_backbone
     from .caff_dino import CAFFDINO
-    from .criterion import SetCriterion
+    from .criterion import SetCriterion, build_weight_dict
     from .deformable_transformer import DeformableTransformer
     from .matcher import HungarianMatcher
     from .ops import set_backend
@@ -86,8 +68,8 @@ def build_model(cfg):
 
     matcher = HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox,
                                cost_giou=cfg.set_cost_giou, focal_alpha=cfg.focal_alpha)
-    weight_dict = _loss_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.use_dn,
-                                    cfg.aux_loss, cfg.dec_layers, cfg.interm_loss_coef)
+    weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.interm_loss_coef,
+                                    cfg.dec_layers, cfg.use_dn, cfg.aux_loss)
     criterion = SetCriterion(cfg.num_classes, matcher=matcher, weight_dict=weight_dict,
                              focal_alpha=cfg.focal_alpha, losses=['labels', 'boxes', 'cardinality'])
     postprocessors = {'bbox': PostProcess(num_select=cfg.num_select)}
