@@ -9,6 +9,8 @@ DINO's. What differs:
   because the model only builds DN queries in training;
 - the zero DN losses of the other case are created on the device of the predictions (DINO: `.to('cuda')`, so
   its evaluation cannot run on CPU);
+- target labels outside [0, num_classes) raise a ValueError (DINO's one-hot scatter fails with an index error,
+  or silently treats label num_classes as background);
 - only the 'labels', 'boxes' and 'cardinality' losses exist (no masks); 'enc_outputs' (not produced by the
   two-stage 'standard' model) is not read.
 
