@@ -260,14 +260,14 @@ def _apply_options(values: dict, options: Mapping[str, Any], known: Mapping) -> 
         target, defaults = values, known
         for depth, part in enumerate(parts):
             name = '.'.join(parts[:depth + 1])
-            if not isinstance(defaults, Mapping):
-                raise ConfigError(f"--options: '{'.'.join(parts[:depth])}' is not a dict, so '{dotted}' cannot be set")
             if part not in defaults:
                 raise ConfigError(f"--options: unknown key '{name}'{_suggestion(part, defaults.keys())}")
             if depth == len(parts) - 1:
                 _check_type(name, value, defaults[part], '--options')
                 target[part] = _coerce(value, defaults[part])
             else:
+                if not isinstance(defaults[part], Mapping):
+                    raise ConfigError(f"--options: '{name}' is not a dict, so '{dotted}' cannot be set")
                 target[part] = dict(target.get(part) or {})
                 target, defaults = target[part], defaults[part]
 
