@@ -9,9 +9,10 @@ from torch import nn
 
 from models.backbones.joiner import Joiner
 from models.backbones.resnet import RESNET_NAMES, FrozenBatchNorm2d, ResNetBackbone
+from models.backbones.swin import SWIN_NAMES, build_swin_transformer
 from models.position_encoding import PositionEmbeddingSineHW
 
-BACKBONE_NAMES = RESNET_NAMES
+BACKBONE_NAMES = RESNET_NAMES + SWIN_NAMES
 
 __all__ = ['BACKBONE_NAMES', 'FrozenBatchNorm2d', 'Joiner', 'build_backbone', 'freeze_module']
 
@@ -29,6 +30,9 @@ def build_backbone(name: str, return_interm_indices: list[int], dilation: bool =
             raise ValueError(f'use_checkpoint=True is implemented for Swin backbones only; backbone {name!r} would '
                              f'not checkpoint anything. Set use_checkpoint=False or pick a swin_* backbone')
         backbone = ResNetBackbone(name, return_interm_indices, dilation=dilation)
+    elif name in SWIN_NAMES:
+        backbone = build_swin_transformer(name, return_interm_indices, dilation=dilation,
+                                          use_checkpoint=use_checkpoint)
     else:
         raise ValueError(f'backbone {name!r} is unknown; known backbones: {", ".join(BACKBONE_NAMES)}')
     if hidden_dim % 2:
