@@ -48,3 +48,9 @@ def test_generalized_box_iou_is_pairwise_matrix_in_range():
 def test_generalized_box_iou_rejects_inverted_boxes():
     with pytest.raises(ValueError, match='boxes2'):
         generalized_box_iou(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[0.5, 0.5, 0.2, 0.2]]))
+
+
+def test_pairwise_measures_with_no_boxes():
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert generalized_box_iou(boxes, torch.zeros(0, 4)).shape == (1, 0)
+    assert box_iou(torch.zeros(0, 4), boxes)[0].shape == (0, 1)

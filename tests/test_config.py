@@ -1,3 +1,5 @@
+import copy
+import pickle
 import re
 from pathlib import Path
 
@@ -107,6 +109,7 @@ def test_parse_options_types():
     assert parsed == {'a': 1, 'b': [1, (2, 3)], 'c': True, 'd': None, 'e': 'resnet18', 'f': 1e-4, 'g': '7',
                       'h.i': -2}
     assert type(parsed['a']) is int and type(parsed['f']) is float
+    assert parse_options(None) == {} and parse_options('x=[]') == {'x': []}
     with pytest.raises(ConfigError, match='key=value'):
         parse_options(['no_equals_sign'])
 
@@ -143,6 +146,11 @@ def test_missing_key_access_raises_with_suggestion(tiny_cfg):
     with pytest.raises(KeyError):
         tiny_cfg['hiden_dim']
     assert not hasattr(tiny_cfg, 'hiden_dim') and tiny_cfg.get('hiden_dim') is None
+
+
+def test_config_survives_deepcopy_and_pickle(tiny_cfg):
+    assert copy.deepcopy(tiny_cfg) == tiny_cfg and type(copy.deepcopy(tiny_cfg)) is Config
+    assert pickle.loads(pickle.dumps(tiny_cfg)) == tiny_cfg
 
 
 def test_dump_round_trip(tiny_cfg, tmp_path):

@@ -102,8 +102,13 @@ def config_from_dict(values: Mapping[str, Any], source: str = 'dict') -> Config:
     return Config(values)
 
 
-def parse_options(items: Iterable[str]) -> dict:
-    """["a=1", "b=[1, 2]", "c=True", "d=None", "e=text", "f.g=0.5"] -> {'a': 1, 'b': [1, 2], ..., 'f.g': 0.5}."""
+def parse_options(items: Optional[Iterable[str]]) -> dict:
+    """["a=1", "b=[1, 2]", "c=True", "d=None", "e=text", "f.g=0.5"] -> {'a': 1, 'b': [1, 2], ..., 'f.g': 0.5}.
+
+    None (no --options on the command line) gives {}.
+    """
+    if items is None:
+        return {}
     if isinstance(items, str):
         items = [items]
     parsed = {}
