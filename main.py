@@ -32,7 +32,7 @@ from datasets.coco_eval import STAT_NAMES
 from engine import NonFiniteLossError, evaluate, log_line, train_one_epoch
 from util import dist
 from util.checkpoint import (CheckpointError, load_pretrained_caff, load_pretrained_coco, resume_from,
-                             save_checkpoint, unwrap_model)
+                             save_checkpoint)
 from util.config import ConfigError, load_config, parse_options
 from util.logger import setup_logger
 from util.misc import collate_fn, seed_everything
@@ -156,8 +156,8 @@ def prepare_demo_data(root: str) -> None:
     generate_synthetic_dataset(root)
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Everything after parsing; returns the last evaluation stats."""
+def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """Everything after parsing; returns the (unwrapped) model and the last evaluation stats."""
     cfg = load_run_config(args)
     device = resolve_device(cfg.device)
     distributed = dist.init_distributed(device)
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> dict:
                       **{f'test_{k}': v for k, v in stats.items()}})
         logger.info(f'eval: {coco_table(stats["coco_eval_bbox"])}')
         logger.info(f'detections: {os.path.join(output_dir, "detections_bbox.json")}')
-        return stats
+        return model_without_ddp, stats
 
     scaler = torch.amp.GradScaler('cuda') if cfg.amp and device.type == 'cuda' else None
     last_ckpt = os.path.join(output_dir, 'checkpoint.pth')
@@ -269,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     logger.info(f'checkpoints: {os.path.abspath(last_ckpt)}, {os.path.abspath(best_ckpt)}')
     logger.info(f'logs: {os.path.abspath(os.path.join(output_dir, "log.txt"))}, '
                 f'{os.path.abspath(os.path.join(output_dir, "info.txt"))}')
-    return stats
+    return model_without_ddp, stats
 
 
 USER_ERRORS = (ConfigError, CheckpointError, UsageError, DataError, NonFiniteLossError)

@@ -1,0 +1,123 @@
+"""engine.py with the real tiny CAFF-DINO: a training epoch updates the model, evaluation gives COCO numbers and a
+results file, a non-finite loss stops with the step and the terms, AMP (bf16 on CPU) trains, EMA averages."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datasets import build_dataset
+from datasets.synthetic import generate_synthetic_dataset
+from engine import NonFiniteLossError, evaluate, train_one_epoch, weighted_loss
+from models import build_model
+from util.config import load_config
+from util.misc import collate_fn, seed_everything
+from util.optim import ModelEma, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
+                'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
+                'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
+                'batch_size=2']
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('synthetic'))
+    generate_synthetic_dataset(root, num_train=4, num_val=2, width=128, height=96)
+    cfg = load_config(REPO / 'config/DINO/CAFF_tiny.py', [*TINY_OPTIONS, f'coco_path={root!r}'])
+    train_set, val_set = build_dataset('train', cfg), build_dataset('val', cfg)
+    train_loader = DataLoader(train_set, batch_size=2, shuffle=False, collate_fn=collate_fn)
+    val_loader = DataLoader(val_set, batch_size=1, shuffle=False, collate_fn=collate_fn)
+    return cfg, train_loader, val_loader, val_set.coco
+
+
+def build(cfg):
+    seed_everything(0)
+    model, criterion, postprocessors = build_model(cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    return model, criterion, postprocessors, optimizer
+
+
+def test_weighted_loss_uses_only_weighted_terms():
+    losses = {'loss_ce': torch.tensor(2.0), 'loss_bbox': torch.tensor(1.0), 'cardinality_error': torch.tensor(9.0)}
+    assert weighted_loss(losses, {'loss_ce': 0.5, 'loss_bbox': 5.0}).item() == pytest.approx(6.0)
+
+
+def test_one_epoch_updates_the_model_and_returns_finite_averages(setup):
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=0,
+                            clip_max_norm=cfg.clip_max_norm, print_freq=100)
+    assert {'loss', 'loss_ce', 'loss_bbox', 'loss_giou', 'loss_ce_unscaled', 'lr'} <= set(stats)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert stats['lr'] == pytest.approx(cfg.lr)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith('conv_corr') for k in changed) and any(k.startswith('transformer') for k in changed)
+
+
+def test_non_finite_loss_names_epoch_step_and_terms(setup):
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    real_forward = criterion.forward
+
+    def nan_loss(outputs, targets):
+        losses = real_forward(outputs, targets)
+        losses['loss_giou'] = losses['loss_giou'] * float('nan')
+        return losses
+
+    criterion.forward = nan_loss
+    before = model.state_dict()['class_embed.0.bias'].clone()
+    with pytest.raises(NonFiniteLossError, match=r'epoch 3, step 0.*loss_giou=nan'):
+        train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=3, print_freq=100)
+    assert torch.equal(model.state_dict()['class_embed.0.bias'], before), 'no step with a NaN loss'
+
+
+def test_evaluate_gives_coco_stats_and_writes_detections(setup, tmp_path):
+    cfg, _, val_loader, base_ds = setup
+    model, criterion, postprocessors, _ = build(cfg)
+    stats, evaluator = evaluate(model, criterion, postprocessors, val_loader, base_ds, torch.device('cpu'),
+                                str(tmp_path), print_freq=100)
+    assert len(stats['coco_eval_bbox']) == 12 and math.isfinite(stats['loss'])
+    assert set(stats['coco_eval_per_class']) <= {'person', 'car'}
+    rows = json.loads((tmp_path / 'detections_bbox.json').read_text())
+    assert len(rows) == 2 * cfg.num_select
+    assert {r['image_id'] for r in rows} == set(base_ds.getImgIds())
+    again, _ = evaluate(model, criterion, postprocessors, val_loader, base_ds, torch.device('cpu'), print_freq=100)
+    assert again['coco_eval_bbox'] == stats['coco_eval_bbox']
+
+
+def test_amp_bf16_on_cpu_trains_with_finite_loss(setup):
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    stats = train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=0,
+                            clip_max_norm=0.1, amp=True, print_freq=100)
+    assert math.isfinite(stats['loss'])
+
+
+def test_ema_averages_each_shared_weight_once():
+    layer = torch.nn.Linear(2, 2)
+    model = torch.nn.ModuleDict({'head': layer, 'alias': torch.nn.ModuleList([layer])})
+    ema = ModelEma(model, decay=0.75)
+    old = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(4.0)
+    ema.update(model)
+    assert torch.allclose(ema.module['head'].weight, old + 1.0)
+    assert ema.module['alias'][0].weight is ema.module['head'].weight
+    assert not ema.module['head'].weight.requires_grad
+
+
+def test_train_one_epoch_updates_the_ema(setup):
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    ema = ModelEma(model, decay=0.5)
+    start = model.class_embed[0].bias.detach().clone()
+    train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=0, ema=ema,
+                    print_freq=100)
+    ema_bias = ema.module.class_embed[0].bias
+    assert not torch.equal(ema_bias, start) and not torch.equal(ema_bias, model.class_embed[0].bias)
