@@ -22,6 +22,7 @@ is parsed as a Python literal (int, float, bool, None, str, nested lists/tuples/
 literal is taken as a plain string. A dotted key `a.b=1` sets entry `b` of the dict-valued key `a`.
 """
 import ast
+import copy
 import difflib
 import functools
 import os
@@ -60,10 +61,6 @@ class Config(Dict):
         code, _ = FormatCode('\n'.join(lines) + '\n', style_config='pep8')
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(code)
-
-    def pretty_text(self) -> str:
-        """One `key = value` line per key, for logs."""
-        return '\n'.join(f'{key} = {value!r}' for key, value in self.to_dict().items())
 
 
 def load_config(path: Union[str, os.PathLike], options: Optional[Union[Mapping[str, Any], Iterable[str]]] = None
@@ -132,13 +129,14 @@ def _known_keys_cached() -> tuple:
 
 def known_keys() -> dict:
     """{key: reference value} of config/DINO/DINO_4scale.py and its bases (read once, then cached)."""
-    return dict(_known_keys_cached())
+    return copy.deepcopy(dict(_known_keys_cached()))
 
 
 def _display(path: Path) -> str:
     """`path` relative to the working directory when it is below it, so messages read config/DINO/x.py."""
+    path = Path(path)
     try:
-        return os.path.relpath(path)
+        return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
