@@ -22,7 +22,7 @@ class _ColourFormatter(logging.Formatter):
         prefix = colored(f'[{self.formatTime(record, "%m/%d %H:%M:%S")} {record.name}]:', 'green')
         colour = _LEVEL_COLOURS.get(record.levelno)
         if colour is not None:
-            prefix += ' ' + colored(record.levelname, colour, attrs=['blink', 'underline'])
+            prefix += ' ' + colored(record.levelname, colour, attrs=['bold'])
         return f'{prefix} {text}'
 
 
