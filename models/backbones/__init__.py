@@ -25,6 +25,8 @@ def build_backbone(name: str, return_interm_indices: list[int], dilation: bool =
     4-scale model, [0, 1, 2, 3] for the 5-scale one). dilation: the last stage keeps stride 16.
     use_checkpoint: gradient checkpointing of the Swin blocks (rejected for ResNet, where it would do nothing).
     """
+    if hidden_dim % 2:
+        raise ValueError(f'hidden_dim={hidden_dim}: the position encoding needs an even hidden_dim')
     if name in RESNET_NAMES:
         if use_checkpoint:
             raise ValueError(f'use_checkpoint=True is implemented for Swin backbones only; backbone {name!r} would '
@@ -35,8 +37,6 @@ def build_backbone(name: str, return_interm_indices: list[int], dilation: bool =
                                           use_checkpoint=use_checkpoint)
     else:
         raise ValueError(f'backbone {name!r} is unknown; known backbones: {", ".join(BACKBONE_NAMES)}')
-    if hidden_dim % 2:
-        raise ValueError(f'hidden_dim={hidden_dim}: the position encoding needs an even hidden_dim')
     position_embedding = PositionEmbeddingSineHW(hidden_dim // 2, temperatureH=pe_temperature_h,
                                                  temperatureW=pe_temperature_w, normalize=True)
     return Joiner(backbone, position_embedding)

@@ -109,10 +109,11 @@ class WindowAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         else:
             num_windows = mask.shape[0]
-            # (B, nW, heads, N, d) against a (nW, heads, N, N) mask that broadcasts over the images.
-            q, k, v = (t.view(bw // num_windows, num_windows, self.num_heads, n, -1) for t in (q, k, v))
-            attn_mask = (bias[None] + mask[:, None]).to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).flatten(0, 1)
+            # Windows and heads share one axis, (B, nW*heads, N, d), so the (nW*heads, N, N) mask broadcasts over
+            # the images and the attention stays 4-d (fused kernels only take 4-d inputs).
+            q, k, v = (t.reshape(bw // num_windows, num_windows * self.num_heads, n, -1) for t in (q, k, v))
+            attn_mask = (bias[None] + mask[:, None]).flatten(0, 1).to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).view(bw, self.num_heads, n, -1)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
