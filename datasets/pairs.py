@@ -45,6 +45,8 @@ class BadPairError(RuntimeError):
 
 def same_file_name(image: dict) -> tuple[str, str]:
     """LLVIP naming: the RGB and IR files share `file_name`."""
+    if 'file_name' not in image:
+        raise KeyError(f"image entry has keys {sorted(image)}; it must name its files with 'file_name'")
     return str(image['file_name']), str(image['file_name'])
 
 
@@ -111,7 +113,7 @@ def _clip_xywh(box: list[float], width, height) -> tuple[list[float], bool]:
 def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: PairNames) -> NormalisedAnnotations:
     """Validates a COCO detection dict and returns a cleaned copy (see the module docstring for the rules).
 
-    Checks: top-level `images`/`annotations`, `id` and the file-name keys of each image, `image_id`/`bbox`/
+    Every problem raises ValueError naming `path` and the entry. Checks: top-level `images`/`annotations`, `id` and the file-name keys of each image, `image_id`/`bbox`/
     `category_id` of each annotation, bbox of 4 finite numbers, image ids unique, annotations pointing at a
     listed image, 0 <= category_id < num_classes. Extra fields (e.g. "visibility") are kept untouched.
     """
@@ -120,17 +122,17 @@ def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: Pa
                          f'"images" and "annotations"')
     missing = _missing(raw, REQUIRED_TOP_KEYS)
     if missing:
-        raise KeyError(f'{path}: missing top-level key(s) {missing}; a COCO detection file needs '
+        raise ValueError(f'{path}: missing top-level key(s) {missing}; a COCO detection file needs '
                        f'{list(REQUIRED_TOP_KEYS)} (and usually "categories")')
     images = []
     for n, image in enumerate(raw['images']):
         missing = _missing(image, REQUIRED_IMAGE_KEYS)
         if missing:
-            raise KeyError(f'{path}: images[{n}] lacks key(s) {missing}')
+            raise ValueError(f'{path}: images[{n}] lacks key(s) {missing}')
         try:
             pair_names(image)
         except KeyError as err:
-            raise KeyError(f'{path}: images[{n}] (id {image["id"]!r}): {err.args[0]}') from None
+            raise ValueError(f'{path}: images[{n}] (id {image["id"]!r}): {err.args[0]}') from None
         images.append(dict(image))
 
     id_map = map_image_ids([im['id'] for im in images], path)
@@ -146,7 +148,7 @@ def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: Pa
         where = f'annotations[{n}] (id {ann.get("id")!r})' if isinstance(ann, dict) else f'annotations[{n}]'
         missing = _missing(ann, REQUIRED_ANNOTATION_KEYS)
         if missing:
-            raise KeyError(f'{path}: {where} lacks key(s) {missing}; each annotation needs '
+            raise ValueError(f'{path}: {where} lacks key(s) {missing}; each annotation needs '
                            f'{list(REQUIRED_ANNOTATION_KEYS)}')
         image_id = ann['image_id']
         if id_map is not None:
