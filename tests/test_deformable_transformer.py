@@ -9,7 +9,7 @@ from torch import nn
 
 from models.deformable_transformer import (DeformableTransformer, DeformableTransformerEncoder,
                                            encoder_output_proposals, valid_ratios_from_mask)
-from models.ops import MSDeformAttn
+from models.dn_components import prepare_for_cdn
 from models.utils import MLP
 
 MANIFESTS = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'manifests'
@@ -179,3 +179,23 @@ def test_clear_errors():
                                  dim_feedforward=64, num_feature_levels=2, num_queries=10)
     with pytest.raises(RuntimeError, match='enc_out_class_embed'):
         bare(srcs, masks, pos)
+
+
+def test_cdn_groups_are_independent_inside_the_decoder():
+    transformer = tiny_transformer()
+    srcs, masks, pos = tiny_inputs()
+    targets = [{'labels': torch.tensor([1, 2]), 'boxes': torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+               {'labels': torch.tensor([0]), 'boxes': torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    label_enc = nn.Embedding(6, 32)
+    dn_label, dn_bbox, attn_mask, meta = prepare_for_cdn((targets, 2, 0.5, 0.4), True, 10, 5, 32, label_enc)
+    group_size = meta['pad_size'] // meta['num_dn_group']
+    hs = transformer(srcs, masks, pos, dn_bbox, dn_label, attn_mask)[0]
+    # replace group 1 entirely: group 0 and the matching queries must not notice
+    dn_label2, dn_bbox2 = dn_label.clone(), dn_bbox.clone()
+    dn_label2[:, group_size:2 * group_size] = torch.randn(2, group_size, 32)
+    dn_bbox2[:, group_size:2 * group_size] = torch.randn(2, group_size, 4)
+    hs2 = transformer(srcs, masks, pos, dn_bbox2, dn_label2, attn_mask)[0]
+    keep = torch.ones(hs.shape[2], dtype=torch.bool)
+    keep[group_size:2 * group_size] = False
+    torch.testing.assert_close(hs[:, :, keep], hs2[:, :, keep], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hs[:, :, ~keep], hs2[:, :, ~keep])
