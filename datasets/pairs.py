@@ -82,21 +82,54 @@ def map_image_ids(ids: list, path: str) -> Optional[dict]:
     return {i: n for n, i in enumerate(ids, start=1)}
 
 
-def _category_index(value, path: str, where: str, num_classes: int) -> int:
+def _integer_id(value, path: str, where: str) -> int:
+    """An integral category id (int, integral float or digit string), else an error naming the entry."""
+    problem = ValueError(f'{path}: {where} has category_id {value!r}; it must be an integer class index')
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f'{path}: {where} has category_id {value!r}; it must be an integer class index')
+        raise problem
     try:
         as_float = float(value)
     except ValueError:
-        raise ValueError(f'{path}: {where} has category_id {value!r}; it must be an integer class index') from None
+        raise problem from None
     if not as_float.is_integer():
-        raise ValueError(f'{path}: {where} has category_id {value!r}; it must be an integer class index')
-    index = int(as_float)
+        raise problem
+    return int(as_float)
+
+
+def _category_index(value, path: str, where: str, num_classes: int) -> int:
+    """The class index of an annotation: its category_id, which must lie in [0, num_classes)."""
+    index = _integer_id(value, path, where)
     if not 0 <= index < num_classes:
         raise ValueError(f'{path}: {where} has category_id {index}, outside [0, {num_classes - 1}] for '
                          f'num_classes={num_classes}. category_id is the class index of the head: raise '
                          f'num_classes in the config or remap the ids in the annotation file')
     return index
+
+
+def _normalise_categories(listed: Optional[list], used: set[int], path: str, num_classes: int,
+                          notes: list[str]) -> list[dict]:
+    """Category entries with int ids for the evaluator: listed ones within the head, plus any used but unlisted.
+
+    Listed categories outside [0, num_classes) are dropped (no annotation uses them, or loading would have
+    failed already).
+    """
+    if listed is None:
+        notes.append('no "categories" in the file; named them by id')
+        return [{'id': c, 'name': str(c)} for c in sorted(used)]
+    categories = []
+    for n, category in enumerate(listed):
+        if not isinstance(category, dict) or 'id' not in category:
+            raise ValueError(f"{path}: categories[{n}] lacks key 'id'")
+        index = _integer_id(category['id'], path, f'categories[{n}]')
+        if 0 <= index < num_classes:
+            categories.append(dict(category, id=index))
+        else:
+            notes.append(f'category {index} ({category.get("name")}) is outside num_classes={num_classes} and '
+                         f'unused; left out')
+    for c in sorted(used - {c['id'] for c in categories}):
+        categories.append({'id': c, 'name': str(c)})
+        notes.append(f'category {c} is used by annotations but not listed; added')
+    return categories
 
 
 def _clip_xywh(box: list[float], width, height) -> tuple[list[float], bool]:
@@ -113,9 +146,10 @@ def _clip_xywh(box: list[float], width, height) -> tuple[list[float], bool]:
 def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: PairNames) -> NormalisedAnnotations:
     """Validates a COCO detection dict and returns a cleaned copy (see the module docstring for the rules).
 
-    Every problem raises ValueError naming `path` and the entry. Checks: top-level `images`/`annotations`, `id` and the file-name keys of each image, `image_id`/`bbox`/
-    `category_id` of each annotation, bbox of 4 finite numbers, image ids unique, annotations pointing at a
-    listed image, 0 <= category_id < num_classes. Extra fields (e.g. "visibility") are kept untouched.
+    Every problem raises ValueError naming `path` and the entry. Checks: top-level `images`/`annotations`, `id`
+    and the file-name keys of each image, `image_id`/`bbox`/`category_id` of each annotation, bbox of 4 finite
+    numbers, image ids unique, annotations pointing at a listed image, 0 <= category_id < num_classes.
+    Extra fields (e.g. "visibility") are kept untouched.
     """
     if not isinstance(raw, dict):
         raise ValueError(f'{path}: top level is a {type(raw).__name__}; expected a COCO dict with '
@@ -172,18 +206,8 @@ def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: Pa
                      area=float(ann['area']) if ann.get('area') else box[2] * box[3])
         annotations.append(clean)
 
-    categories = raw.get('categories')
-    if categories is None:
-        used = sorted({a['category_id'] for a in annotations})
-        categories = [{'id': c, 'name': str(c)} for c in used]
-        result.notes.append('no "categories" in the file; named them by id')
-    else:
-        categories = [dict(c, id=_category_index(c.get('id'), path, f'categories[{n}]', num_classes))
-                      for n, c in enumerate(categories)]
-        listed = {c['id'] for c in categories}
-        for c in sorted({a['category_id'] for a in annotations} - listed):
-            categories.append({'id': c, 'name': str(c)})
-            result.notes.append(f'category {c} is used by annotations but not listed; added')
+    categories = _normalise_categories(raw.get('categories'), {a['category_id'] for a in annotations}, path,
+                                       num_classes, result.notes)
     result.dataset = {'images': images, 'annotations': annotations, 'categories': categories}
     for key in ('info', 'licenses'):
         if key in raw:

@@ -17,7 +17,7 @@ def save_pair(rgb_path, ir_path, size=(32, 24)):
 
 
 def assert_rgb_and_ir(rgb, ir):
-    """The green RGB file was read as `rgb` and the bright grey IR file as `ir` (three equal channels); JPEG tolerant."""
+    """The green RGB file was read as `rgb`, the bright grey IR file as `ir` (three equal channels); JPEG tolerant."""
     r, g, b = np.asarray(rgb)[0, 0].tolist()
     assert g > 180 and r < 40 and b < 40
     assert len(set(np.asarray(ir)[0, 0].tolist())) == 1 and np.asarray(ir)[0, 0, 0] > 230

@@ -125,6 +125,13 @@ def test_missing_categories_are_derived_from_annotations(tmp_path):
     assert ds.coco.getCatIds() == [2]
 
 
+def test_listed_categories_outside_the_head_are_left_out_when_unused(tmp_path):
+    data = coco([img(1, 'a.png')], [ann(1, [1, 1, 5, 5], 1)],
+                categories=[{'id': 1, 'name': 'person'}, {'id': 3, 'name': 'car'}, {'id': 90, 'name': 'toothbrush'}])
+    ds = PairedCocoDataset(*make_split(tmp_path, data), num_classes=4)
+    assert ds.coco.getCatIds() == [1, 3]
+
+
 @pytest.mark.parametrize('category_id', [91, -1])
 def test_category_id_outside_head_is_an_error_naming_id_and_file(tmp_path, category_id):
     args = make_split(tmp_path, coco([img(1, 'a.png')], [ann(1, [1, 1, 5, 5], category_id)]))
