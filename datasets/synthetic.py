@@ -13,7 +13,7 @@ change when the other split's size changes):
   random direction and pixel noise N(0, 5^2). IR: ambient temperature U[60, 100] with its own ramp of +-12 and
   noise N(0, 3^2). Neither contains anything object-like.
 - Objects: K ~ U{1..5}, placed without overlap (4 px apart) and fully inside the frame. Class uniform over
-  1 "person" (upright: ellipse body under a round head; height U[40, 90], width 0.40 x height) and 2 "car"
+  1 "person" (upright: ellipse body under a round head; height U[50, 90], width 0.40 x height) and 2 "car"
   (wide: body rectangle under a narrower cabin; width U[45, 90], height 0.5 x width). The box is the tight
   extent of the drawn shape (clean, unblurred edges).
 - Visibility v ~ {both: 0.6, rgb: 0.2, ir: 0.2}, stored per annotation as "visibility":
@@ -106,7 +106,7 @@ def render_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
         category = int(rng.integers(1, 3))
         visibility = VISIBILITIES[int(rng.choice(3, p=VISIBILITY_PROBS))]
         if category == 1:
-            h = int(rng.integers(40, 91))
+            h = int(rng.integers(50, 91))
             w = max(8, int(round(0.4 * h)))
         else:
             w = int(rng.integers(45, 91))
