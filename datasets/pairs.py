@@ -143,23 +143,10 @@ def _clip_xywh(box: list[float], width, height) -> tuple[list[float], bool]:
     return clipped, clipped != [x0, y0, w, h]
 
 
-def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: PairNames) -> NormalisedAnnotations:
-    """Validates a COCO detection dict and returns a cleaned copy (see the module docstring for the rules).
-
-    Every problem raises ValueError naming `path` and the entry. Checks: top-level `images`/`annotations`, `id`
-    and the file-name keys of each image, `image_id`/`bbox`/`category_id` of each annotation, bbox of 4 finite
-    numbers, image ids unique, annotations pointing at a listed image, 0 <= category_id < num_classes.
-    Extra fields (e.g. "visibility") are kept untouched.
-    """
-    if not isinstance(raw, dict):
-        raise ValueError(f'{path}: top level is a {type(raw).__name__}; expected a COCO dict with '
-                         f'"images" and "annotations"')
-    missing = _missing(raw, REQUIRED_TOP_KEYS)
-    if missing:
-        raise ValueError(f'{path}: missing top-level key(s) {missing}; a COCO detection file needs '
-                       f'{list(REQUIRED_TOP_KEYS)} (and usually "categories")')
+def _normalise_images(raw_images: list, path: str, pair_names: PairNames) -> tuple[list[dict], Optional[dict]]:
+    """Copies of the `images` entries with int ids, and the id mapping (None when ids were ints already)."""
     images = []
-    for n, image in enumerate(raw['images']):
+    for n, image in enumerate(raw_images):
         missing = _missing(image, REQUIRED_IMAGE_KEYS)
         if missing:
             raise ValueError(f'{path}: images[{n}] lacks key(s) {missing}')
@@ -168,44 +155,69 @@ def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: Pa
         except KeyError as err:
             raise ValueError(f'{path}: images[{n}] (id {image["id"]!r}): {err.args[0]}') from None
         images.append(dict(image))
-
     id_map = map_image_ids([im['id'] for im in images], path)
-    to_int = (lambda i: i) if id_map is None else id_map.__getitem__
-    sizes = {}
-    for image in images:
-        image['id'] = to_int(image['id'])
-        sizes[image['id']] = (image.get('width'), image.get('height'))
+    if id_map is not None:
+        for image in images:
+            image['id'] = id_map[image['id']]
+    return images, id_map
 
+
+def _normalise_annotation(ann, where: str, path: str, id_map: Optional[dict], sizes: dict,
+                          num_classes: int) -> tuple[Optional[dict], bool]:
+    """A cleaned copy of one annotation (None when its box is empty after clipping) and whether it was clipped."""
+    missing = _missing(ann, REQUIRED_ANNOTATION_KEYS)
+    if missing:
+        raise ValueError(f'{path}: {where} lacks key(s) {missing}; each annotation needs '
+                         f'{list(REQUIRED_ANNOTATION_KEYS)}')
+    image_id = ann['image_id']
+    if id_map is not None:
+        image_id = id_map.get(image_id, id_map.get(str(image_id)))
+    if image_id not in sizes:
+        raise ValueError(f'{path}: {where} refers to image_id {ann["image_id"]!r}, which is not in "images"')
+    bbox = ann['bbox']
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+        raise ValueError(f'{path}: {where} has bbox {bbox!r}; expected [x, y, width, height] numbers')
+    label = _category_index(ann['category_id'], path, where, num_classes)
+    box, clipped = _clip_xywh([float(v) for v in bbox], *sizes[image_id])
+    if box[2] <= 0 or box[3] <= 0:
+        return None, clipped
+    clean = dict(ann, image_id=image_id, bbox=box, category_id=label, iscrowd=int(bool(ann.get('iscrowd', 0))),
+                 area=float(ann['area']) if ann.get('area') else box[2] * box[3])
+    return clean, clipped
+
+
+def normalise_annotations(raw: dict, path: str, num_classes: int, pair_names: PairNames) -> NormalisedAnnotations:
+    """Validates a COCO detection dict and returns a cleaned copy (see the module docstring for the rules).
+
+    Every problem raises ValueError naming `path` and the entry. Checks: top-level `images`/`annotations`, `id`
+    and the file-name keys of each image, `image_id`/`bbox`/`category_id` of each annotation, bbox of 4 finite
+    numbers, image ids unique, annotations pointing at a listed image, 0 <= category_id < num_classes.
+    Annotation ids become 1..M in file order. Extra fields (e.g. "visibility") are kept untouched.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f'{path}: top level is a {type(raw).__name__}; expected a COCO dict with '
+                         f'"images" and "annotations"')
+    missing = _missing(raw, REQUIRED_TOP_KEYS)
+    if missing:
+        raise ValueError(f'{path}: missing top-level key(s) {missing}; a COCO detection file needs '
+                         f'{list(REQUIRED_TOP_KEYS)} (and usually "categories")')
+    for key in REQUIRED_TOP_KEYS:
+        if not isinstance(raw[key], list):
+            raise ValueError(f'{path}: "{key}" is a {type(raw[key]).__name__}; expected a list')
+    images, id_map = _normalise_images(raw['images'], path, pair_names)
+    sizes = {image['id']: (image.get('width'), image.get('height')) for image in images}
     result = NormalisedAnnotations(dataset={}, image_id_map=id_map)
     annotations = []
     for n, ann in enumerate(raw['annotations']):
         where = f'annotations[{n}] (id {ann.get("id")!r})' if isinstance(ann, dict) else f'annotations[{n}]'
-        missing = _missing(ann, REQUIRED_ANNOTATION_KEYS)
-        if missing:
-            raise ValueError(f'{path}: {where} lacks key(s) {missing}; each annotation needs '
-                           f'{list(REQUIRED_ANNOTATION_KEYS)}')
-        image_id = ann['image_id']
-        if id_map is not None:
-            image_id = id_map.get(image_id, id_map.get(str(image_id)))
-        if image_id not in sizes:
-            raise ValueError(f'{path}: {where} refers to image_id {ann["image_id"]!r}, which is not in "images"')
-        bbox = ann['bbox']
-        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                           for v in bbox)):
-            raise ValueError(f'{path}: {where} has bbox {bbox!r}; expected [x, y, width, height] numbers')
-        label = _category_index(ann['category_id'], path, where, num_classes)
-        box, changed = _clip_xywh([float(v) for v in bbox], *sizes[image_id])
-        if box[2] <= 0 or box[3] <= 0:
+        clean, clipped = _normalise_annotation(ann, where, path, id_map, sizes, num_classes)
+        if clean is None:
             result.dropped_degenerate += 1
             continue
-        result.clipped += int(changed)
-        clean = dict(ann)
-        clean.update(id=len(annotations) + 1, image_id=image_id, bbox=box, category_id=label,
-                     iscrowd=int(ann.get('iscrowd', 0) or 0),
-                     area=float(ann['area']) if ann.get('area') else box[2] * box[3])
+        result.clipped += int(clipped)
+        clean['id'] = len(annotations) + 1
         annotations.append(clean)
-
     categories = _normalise_categories(raw.get('categories'), {a['category_id'] for a in annotations}, path,
                                        num_classes, result.notes)
     result.dataset = {'images': images, 'annotations': annotations, 'categories': categories}
