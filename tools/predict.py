@@ -1,0 +1,340 @@
+"""Run a trained CAFF-DINO on RGB + thermal image pairs: side-by-side pictures with boxes, and a COCO results JSON.
+
+    python tools/predict.py -c CONFIG --checkpoint CKPT --rgb A.png --ir B.png --out DIR
+    python tools/predict.py -c CONFIG --checkpoint CKPT --rgb-dir D1 --ir-dir D2 --out DIR [--batch-size 4]
+    python tools/predict.py -c CONFIG --checkpoint CKPT --split val --coco_path P [--dataset_file X] --out DIR
+
+Not in the reference (its README: "a proper visualization code should be added"). Written for each pair:
+``DIR/<rgb file stem>.png``, the RGB image (left) and the thermal image (right) side by side at their size on
+disk, canvas ``(2 W, H)``, with the predicted boxes of score >= ``--threshold`` on both halves (one colour per
+class, label ``"<class> <score>"``) and, in ``--split`` mode, the ground truth in green. Once for all pairs:
+``DIR/detections.json``, a COCO results list ``[{image_id, category_id, bbox [x, y, w, h] pixels, score}]``
+holding every detection of the post-processor (``num_select`` per image, not thresholded, so it can be scored
+with pycocotools), and ``DIR/images.json``, a COCO skeleton (``images`` with ids and file names, ``categories``)
+that says which pair each ``image_id`` is.
+
+Image ids: the data set's ids in ``--split`` mode (so ``detections.json`` scores against its annotation file);
+1..N in file-name order for folders; 1 for a single pair. Folders are paired by identical file name.
+Class names come from the data set's ``categories`` (the split's annotation file, or else the annotation file of
+the config's ``coco_path`` when it exists); otherwise the class id is shown.
+
+Preprocessing is the evaluation transform of ``datasets/transforms.py`` (``eval_size`` / ``eval_max_size`` of
+the config); boxes are mapped back to the pixels of the files. The checkpoint is loaded weights-only and must
+match the model of the config exactly. Without ``-c`` the config saved in the checkpoint is used.
+Errors (missing partner file, unreadable image, bad checkpoint or config) end the run with one line on stderr
+and exit status 2.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ''):  # run as ``python tools/predict.py``: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+import torch
+
+from datasets.coco_eval import CocoEvaluator
+from datasets.pairs import BadPairError, boxes_to_target, coco_from_dict, read_image
+from datasets.transforms import make_eval_transforms
+from main import UsageError, resolve_device
+from util.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
+from util.config import ConfigError, config_from_dict, load_config, parse_options
+from util.misc import collate_fn
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+GT_COLOUR = (0, 220, 0)
+# Prediction colours by class id (cycled); none of them is green, which marks the ground truth.
+CLASS_COLOURS = ((255, 64, 64), (255, 160, 0), (0, 160, 255), (255, 0, 255), (255, 255, 0), (160, 100, 255),
+                 (0, 255, 255), (255, 120, 180))
+
+
+class PredictError(ValueError):
+    """An input that cannot be predicted on (bad arguments, missing partner, empty folder)."""
+
+
+@dataclass
+class PairItem:
+    """One image pair to predict on; ``annotations``: its COCO ground truth (None when there is none)."""
+    image_id: int
+    name: str
+    rgb_path: str
+    ir_path: str
+    annotations: Optional[list[dict]] = None
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+
+def _image_names(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise PredictError(f'{folder}: not a folder')
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def single_pair(rgb_path: str, ir_path: str) -> list[PairItem]:
+    """The pair ``(--rgb, --ir)`` as image id 1; a missing file is an error naming it."""
+    for path, partner in ((rgb_path, ir_path), (ir_path, rgb_path)):
+        if not os.path.isfile(path):
+            raise PredictError(f'{path}: file not found (partner of {partner})')
+    return [PairItem(1, Path(rgb_path).stem, rgb_path, ir_path)]
+
+
+def folder_pairs(rgb_dir: str, ir_dir: str) -> list[PairItem]:
+    """Pairs of ``rgb_dir`` and ``ir_dir`` with the same file name, ids 1..N in name order.
+
+    Every image must have its partner: the first one without is an error naming both folders.
+    """
+    rgb_names, ir_names = _image_names(rgb_dir), _image_names(ir_dir)
+    for names, folder, other, other_names in ((rgb_names, rgb_dir, ir_dir, ir_names),
+                                              (ir_names, ir_dir, rgb_dir, rgb_names)):
+        missing = sorted(set(names) - set(other_names))
+        if missing:
+            more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+            raise PredictError(f'{os.path.join(folder, missing[0])}: missing partner {os.path.join(other, missing[0])}'
+                               f'{more}; pairs are matched by identical file name')
+    if not rgb_names:
+        raise PredictError(f'{rgb_dir}: no images ({", ".join(IMAGE_EXTENSIONS)})')
+    return [PairItem(i, Path(name).stem, os.path.join(rgb_dir, name), os.path.join(ir_dir, name))
+            for i, name in enumerate(rgb_names, start=1)]
+
+
+def split_pairs(dataset) -> list[PairItem]:
+    """Every pair of a ``PairedCocoDataset``, in item order, with its annotations."""
+    items = []
+    for image_id in dataset.ids:
+        rgb_name, ir_name = dataset.pair_names(dataset.coco.imgs[image_id])
+        rgb_path = os.path.join(dataset.rgb_dir, rgb_name)
+        items.append(PairItem(int(image_id), Path(rgb_path).stem, rgb_path, os.path.join(dataset.ir_dir, ir_name),
+                              list(dataset.coco.imgToAnns.get(image_id, []))))
+    return items
+
+
+def category_names(coco_dataset: Optional[dict]) -> dict[int, str]:
+    """``{category id: name}`` of a COCO dict (empty when there is none)."""
+    if not coco_dataset:
+        return {}
+    return {int(c['id']): str(c.get('name', c['id'])) for c in coco_dataset.get('categories', [])}
+
+
+def config_categories(cfg) -> dict[int, str]:
+    """Category names of the val annotation file of the config's data set, or ``{}`` when it is not on disk."""
+    from datasets.layouts import resolve_layout
+    try:
+        layout = resolve_layout(cfg.dataset_file, cfg.coco_path, 'val')
+        with open(layout.annotation_file, encoding='utf-8') as f:
+            return category_names(json.load(f))
+    except (ValueError, OSError, KeyError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+def load_model(cfg, checkpoint: dict, checkpoint_path: str, device: torch.device):
+    """``(model in eval mode on device, postprocess)`` with the checkpoint's weights; a mismatch is an error."""
+    from models import build_model
+    model, _, postprocessors = build_model(cfg)
+    try:
+        model.load_state_dict(strip_module_prefix(checkpoint['model']), strict=True)
+    except RuntimeError as e:
+        first = ' '.join(str(e).strip().splitlines()[:2])[:300]
+        raise CheckpointError(f'checkpoint {checkpoint_path!r} does not fit the model of the config ({first}); '
+                              'pass the config it was trained with (-c), or omit -c to use its saved one') from None
+    return model.to(device).eval(), postprocessors['bbox']
+
+
+def read_pair(item: PairItem) -> tuple[PIL.Image.Image, PIL.Image.Image]:
+    rgb, ir = read_image(item.rgb_path), read_image(item.ir_path)
+    if rgb.size != ir.size:
+        raise BadPairError(f'{item.rgb_path} is {rgb.width}x{rgb.height} but its partner {item.ir_path} is '
+                           f'{ir.width}x{ir.height} (WxH); the pair must be registered to one size')
+    return rgb, ir
+
+
+@torch.no_grad()
+def predict_batch(model, postprocess, pairs: list[tuple[PIL.Image.Image, PIL.Image.Image]], transform,
+                  device: torch.device) -> list[dict]:
+    """Detections per pair: ``{'scores' (k,), 'labels' (k,), 'boxes' (k,4) xyxy pixels of the files}`` (CPU)."""
+    samples = [transform(rgb, ir, {}) for rgb, ir in pairs]
+    samples_rgb, samples_ir, _ = collate_fn(samples)
+    outputs = model(samples_rgb.to(device), samples_ir.to(device))
+    sizes = torch.tensor([[ir.height, ir.width] for _, ir in pairs], device=device)
+    return [{k: v.cpu() for k, v in r.items()} for r in postprocess(outputs, sizes)]
+
+
+# --------------------------------------------------------------------------------------------------- drawing
+
+def _label_box(draw: PIL.ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour, font) -> None:
+    left, top, right, bottom = draw.textbbox(xy, text, font=font)
+    draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+    draw.text(xy, text, fill=(0, 0, 0), font=font)
+
+
+def draw_pair(rgb: PIL.Image.Image, ir: PIL.Image.Image, detections: dict, names: dict[int, str],
+              threshold: float, gt: Optional[dict] = None) -> PIL.Image.Image:
+    """RGB left, IR right on a ``(2 W, H)`` canvas; each box drawn on both halves.
+
+    Ground truth (green, thin) first, then detections with score >= ``threshold`` (class colour, labelled
+    ``"<name> <score>"``, label above the box or inside it at the top edge of the image).
+    """
+    width, height = ir.size
+    canvas = PIL.Image.new('RGB', (2 * width, height))
+    canvas.paste(rgb, (0, 0))
+    canvas.paste(ir, (width, 0))
+    draw = PIL.ImageDraw.Draw(canvas)
+    font = PIL.ImageFont.load_default()
+    offsets = (0, width)
+    if gt is not None:
+        for box in gt['boxes'].tolist():
+            for dx in offsets:
+                draw.rectangle((box[0] + dx, box[1], box[2] + dx, box[3]), outline=GT_COLOUR, width=1)
+    keep = detections['scores'] >= threshold
+    for box, label, score in zip(detections['boxes'][keep].tolist(), detections['labels'][keep].tolist(),
+                                 detections['scores'][keep].tolist()):
+        colour = CLASS_COLOURS[label % len(CLASS_COLOURS)]
+        text = f'{names.get(label, str(label))} {score:.2f}'
+        for dx in offsets:
+            x0, y0, x1, y1 = box[0] + dx, box[1], box[2] + dx, box[3]
+            draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
+            text_height = draw.textbbox((0, 0), text, font=font)[3]
+            _label_box(draw, (x0 + 2, y0 - text_height - 2 if y0 > text_height + 2 else y0 + 2), text, colour, font)
+    return canvas
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+def predict(model, postprocess, items: list[PairItem], transform, device: torch.device, out_dir: str,
+            names: dict[int, str], threshold: float, batch_size: int, coco_gt=None, progress=None) -> CocoEvaluator:
+    """Predict on ``items`` in batches; write one PNG per pair and the two JSON files into ``out_dir``.
+
+    Returns a ``CocoEvaluator`` over ``coco_gt`` (an empty skeleton when None) holding every detection; call its
+    ``accumulate()`` / ``summarize()`` to score them. ``progress(done, total)`` is called after each batch.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    images, taken = [], set()
+    for item in items:
+        if item.name in taken:
+            raise PredictError(f'two pairs would both be drawn to {item.name}.png ({item.rgb_path}); '
+                               'rename one of them')
+        taken.add(item.name)
+    evaluator = CocoEvaluator(coco_gt if coco_gt is not None else
+                              coco_from_dict({'images': [], 'annotations': [], 'categories': []}))
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        pairs = [read_pair(item) for item in batch]
+        for item, (rgb, ir), detections in zip(batch, pairs, predict_batch(model, postprocess, pairs, transform,
+                                                                               device)):
+            gt = None
+            if item.annotations is not None:
+                gt = boxes_to_target(item.annotations, item.image_id, ir.width, ir.height)
+            draw_pair(rgb, ir, detections, names, threshold, gt).save(os.path.join(out_dir, f'{item.name}.png'))
+            images.append({'id': item.image_id, 'file_name': os.path.basename(item.rgb_path),
+                           'file_name_IR': os.path.basename(item.ir_path), 'width': ir.width, 'height': ir.height})
+            evaluator.update({item.image_id: detections})
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    evaluator.write_results(os.path.join(out_dir, 'detections.json'))
+    categories = [{'id': i, 'name': n} for i, n in sorted(names.items())]
+    with open(os.path.join(out_dir, 'images.json'), 'w', encoding='utf-8') as f:
+        json.dump({'images': images, 'categories': categories}, f, indent=1)
+    return evaluator
+
+
+def _print_progress(done: int, total: int) -> None:
+    end = '\n' if done == total or not sys.stderr.isatty() else ''
+    print(f'\rpredict: {done}/{total} pairs', end=end, file=sys.stderr, flush=True)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('tools/predict.py', description=__doc__.splitlines()[0])
+    parser.add_argument('--config_file', '-c', help="model config; default: the config saved in the checkpoint")
+    parser.add_argument('--checkpoint', required=True, help='checkpoint written by main.py (needs a "model" entry)')
+    source = parser.add_argument_group('input (one of)')
+    source.add_argument('--rgb', help='one RGB image (with --ir)')
+    source.add_argument('--ir', help='its thermal partner (with --rgb)')
+    source.add_argument('--rgb-dir', help='folder of RGB images (with --ir-dir); pairs share the file name')
+    source.add_argument('--ir-dir', help='folder of thermal images (with --rgb-dir)')
+    source.add_argument('--split', choices=('train', 'val'), help="a split of the config's data set, with ground truth")
+    source.add_argument('--coco_path', help='data root for --split (default: the config value)')
+    source.add_argument('--dataset_file', help='llvip_fusion, flir_fusion or synthetic (default: the config value)')
+    parser.add_argument('--out', required=True, help='output folder for the PNGs and detections.json')
+    parser.add_argument('--threshold', type=float, default=0.3, help='lowest score drawn (default 0.3)')
+    parser.add_argument('--batch-size', type=int, default=1)
+    parser.add_argument('--device', help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: the config's device)")
+    parser.add_argument('--options', nargs='+', metavar='KEY=VALUE', default=[], help='override config keys')
+    parser.add_argument('--allow_unsafe_checkpoint', action='store_true',
+                        help='unpickle checkpoints beyond tensors and plain values (only for files you trust)')
+    return parser
+
+
+def _check_source(args: argparse.Namespace) -> str:
+    modes = {'pair': bool(args.rgb or args.ir), 'folders': bool(args.rgb_dir or args.ir_dir),
+             'split': bool(args.split)}
+    chosen = [m for m, on in modes.items() if on]
+    if len(chosen) != 1:
+        raise PredictError('give exactly one input: --rgb A --ir B, --rgb-dir D1 --ir-dir D2, or --split val')
+    mode = chosen[0]
+    if mode == 'pair' and not (args.rgb and args.ir):
+        raise PredictError('--rgb and --ir go together: give both images of the pair')
+    if mode == 'folders' and not (args.rgb_dir and args.ir_dir):
+        raise PredictError('--rgb-dir and --ir-dir go together: give both folders')
+    if args.batch_size < 1:
+        raise PredictError(f'--batch-size must be >= 1, got {args.batch_size}')
+    return mode
+
+
+def run(args: argparse.Namespace) -> CocoEvaluator:
+    """Everything after parsing; returns the evaluator with the detections (scored in ``--split`` mode)."""
+    mode = _check_source(args)
+    checkpoint = load_checkpoint(args.checkpoint, args.allow_unsafe_checkpoint)
+    options = parse_options(args.options)
+    options.update({k: getattr(args, k) for k in ('coco_path', 'dataset_file', 'device') if getattr(args, k)})
+    if args.config_file:
+        cfg = load_config(args.config_file, options)
+    elif isinstance(checkpoint.get('config'), dict):
+        cfg = config_from_dict({**checkpoint['config'], **options}, source=f'config saved in {args.checkpoint}')
+    else:
+        raise PredictError(f'checkpoint {args.checkpoint!r} holds no config: pass the one it was trained with (-c)')
+    device = resolve_device(cfg.device)
+
+    # Inputs are checked before the model is built, so a wrong path fails at once.
+    if mode == 'split':
+        from datasets import build_dataset
+        try:
+            dataset = build_dataset(args.split, cfg)
+        except (ValueError, KeyError, FileNotFoundError) as e:  # messages name the file or key at fault
+            raise PredictError(e.args[0] if e.args else repr(e)) from None
+        items, names, gt_coco = split_pairs(dataset), category_names(dataset.coco.dataset), dataset.coco
+    elif mode == 'pair':
+        items, names, gt_coco = single_pair(args.rgb, args.ir), config_categories(cfg), None
+        read_pair(items[0])
+    else:
+        items, names, gt_coco = folder_pairs(args.rgb_dir, args.ir_dir), config_categories(cfg), None
+    model, postprocess = load_model(cfg, checkpoint, args.checkpoint, device)
+    transform = make_eval_transforms(cfg.eval_size, cfg.eval_max_size)
+    evaluator = predict(model, postprocess, items, transform, device, args.out, names, args.threshold,
+                        args.batch_size, gt_coco, _print_progress if mode != 'pair' else None)
+    print(f'predict: {len(items)} pair(s) drawn to {args.out}/, detections in {args.out}/detections.json')
+    if gt_coco is not None:
+        evaluator.accumulate()
+        print(evaluator.summarize(), end='')
+    return evaluator
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run(args)
+    except (PredictError, CheckpointError, ConfigError, BadPairError, UsageError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
