@@ -289,6 +289,11 @@ class PairedCocoDataset(Dataset):
     normalised to the transformed image when the usual transforms are used; PIL images and xyxy pixel boxes
     when `transforms` is None). The IR image is the size reference; the RGB image must have the same size.
 
+    Bad input: file existence is checked when the dataset is built (a missing file raises BadPairError, or
+    with `skip_bad_pairs` the pair is left out and counted); decoding and the size check happen when an item
+    is read (BadPairError, or with `skip_bad_pairs` the pair is logged, remembered and the next good pair is
+    returned). Only training sets should skip: evaluation must see every image.
+
     Attributes: `coco` (pycocotools COCO over the normalised annotations, int image ids), `image_id_map`
     ({original id: int id} when the file used string ids, else None), `annotation_file`, `ids` (image ids in
     item order), `num_skipped` (bad pairs skipped so far, in this process).
@@ -321,14 +326,16 @@ class PairedCocoDataset(Dataset):
         kept, missing = [], 0
         for image_id in image_ids:
             rgb_path, ir_path = self._paths(image_id)
-            absent = [(p, other) for p, other in ((rgb_path, ir_path), (ir_path, rgb_path)) if not os.path.isfile(p)]
+            absent = [p for p in (rgb_path, ir_path) if not os.path.isfile(p)]
             if not absent:
                 kept.append(image_id)
                 continue
-            path, partner = absent[0]
-            message = (f'{path}: missing partner of {partner} (image id {image_id} in {self.annotation_file})'
-                       if os.path.isfile(partner) else f'{path} and {partner}: both files missing '
-                       f'(image id {image_id} in {self.annotation_file})')
+            if len(absent) == 2:
+                message = f'{rgb_path} and {ir_path}: both files missing'
+            else:
+                partner = ir_path if absent[0] == rgb_path else rgb_path
+                message = f'{absent[0]}: missing partner of {partner}'
+            message += f' (image id {image_id} in {self.annotation_file})'
             if not self.skip_bad_pairs:
                 raise BadPairError(message + '; fix the data, or set skip_bad_pairs=True for training')
             missing += 1
