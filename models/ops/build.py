@@ -12,7 +12,9 @@ Ahead-of-time build (e.g. in a Docker image), from the repository root:
     python -m models.ops.build --cuda --arch 8.0 9.0      # the CUDA kernel for A100 and H100
 """
 import argparse
+import hashlib
 import os
+import platform
 import re
 import shutil
 import sys
@@ -34,6 +36,22 @@ def build_root() -> Path:
     base = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'caff_dino' / 'torch_extensions'
     tag = f"torch{torch.__version__.replace('+', '_')}_py{sys.version_info.major}{sys.version_info.minor}"
     return Path(base) / tag
+
+
+def host_cpu_tag() -> str:
+    """Short id of this machine's CPU model and instruction-set flags.
+
+    The CPU kernel is compiled with -march=native, so a cache shared between different machines (an NFS home)
+    must keep one build per CPU kind.
+    """
+    description = f'{platform.machine()} {platform.processor()}'
+    try:
+        with open('/proc/cpuinfo') as f:
+            lines = [line for line in f if line.startswith(('model name', 'flags', 'Features', 'CPU part'))]
+        description += ''.join(sorted(set(lines)))
+    except OSError:
+        pass
+    return hashlib.sha1(description.encode()).hexdigest()[:10]
 
 
 def find_cxx() -> str | None:
@@ -98,10 +116,12 @@ def load_cpu_extension(verbose: bool = False) -> ModuleType:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r} on PATH); "
                            "install g++ or set CXX")
     from torch.utils.cpp_extension import load
-    directory = build_root() / CPU_EXTENSION
+    directory = build_root() / f'{CPU_EXTENSION}_{host_cpu_tag()}'
     directory.mkdir(parents=True, exist_ok=True)
+    # -march=native: the gathers and D-vector loops vectorise with the host's widest SIMD (about 2x over SSE2).
+    # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the kernels run serially.
     return load(name=CPU_EXTENSION, sources=[str(s) for s in CPU_SOURCES], build_directory=str(directory),
-                extra_cflags=['-O3', '-fopenmp'], extra_ldflags=['-fopenmp'], verbose=verbose)
+                extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'], verbose=verbose)
 
 
 def load_cuda_extension(archs: list[str] | None = None, verbose: bool = False) -> ModuleType:

@@ -21,7 +21,6 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import build
 from .ms_deform_attn_pytorch import ms_deform_attn_pytorch
 
 logger = logging.getLogger(__name__)
@@ -67,6 +66,7 @@ def _warn_once(key: str, message: str) -> None:
 def _extension(name: str) -> ModuleType | None:
     """The compiled extension for 'cpu' or 'cuda', built on first request; None (after one warning) if it can't."""
     if name not in _extensions:
+        from . import build  # imported here so that `python -m models.ops.build` runs it fresh
         loader = build.load_cpu_extension if name == 'cpu' else build.load_cuda_extension
         try:
             _extensions[name] = loader()

@@ -1,0 +1,290 @@
+"""Tests of models/ops: the pytorch path against a direct loop, the fused CPU kernel against the pytorch path
+(forward and the three gradients, fp64 and fp32), gradcheck, backend dispatch and fallback, and the MSDeformAttn
+layer (reference init, key names, 2-d / 4-d reference points, padding mask, fp16)."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from models.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_pytorch, resolve_backend, set_backend
+from models.ops import build, ms_deform_attn_func, ms_deform_attn_layer
+
+# Level shapes with a single row and a single column, as the tests of the issue ask.
+SHAPES = [(3, 5), (1, 4), (6, 1), (2, 2)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dispatch(monkeypatch):
+    """Each test starts from 'auto', with no environment override and its own warn-once / extension caches."""
+    monkeypatch.delenv(ms_deform_attn_func.ENV_VAR, raising=False)
+    monkeypatch.setattr(ms_deform_attn_func, '_requested', 'auto')
+    monkeypatch.setattr(ms_deform_attn_func, '_warned', set())
+    monkeypatch.setattr(ms_deform_attn_func, '_logged', set())
+    monkeypatch.setattr(ms_deform_attn_func, '_extensions', dict(ms_deform_attn_func._extensions))
+
+
+@pytest.fixture(scope='module')
+def cpu_extension():
+    if build.find_cxx() is None:
+        pytest.skip('no C++ compiler: the cpu backend cannot be built here')
+    return build.load_cpu_extension()
+
+
+def make_inputs(shapes=SHAPES, n=2, m=3, d=5, lq=7, p=2, dtype=torch.float64, seed=0):
+    """Random op inputs; locations span [-0.3, 1.3] so points fall inside, on the border and outside the maps."""
+    gen = torch.Generator().manual_seed(seed)
+    n_levels = len(shapes)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
+    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+    s = int(spatial_shapes.prod(1).sum())
+    value = torch.randn(n, s, m, d, generator=gen, dtype=dtype)
+    locations = torch.rand(n, lq, m, n_levels, p, 2, generator=gen, dtype=dtype) * 1.6 - 0.3
+    weights = torch.rand(n, lq, m, n_levels, p, generator=gen, dtype=dtype)
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+def naive_ms_deform_attn(value, shapes, locations, weights):
+    """Direct loops over the definition: bilinear with pixel centres at (i + 0.5) / H, zeros outside the map."""
+    n, _, m, d = value.shape
+    _, lq, _, n_levels, n_points, _ = locations.shape
+    out = value.new_zeros(n, lq, m, d)
+    starts = [0]
+    for h, w in shapes:
+        starts.append(starts[-1] + h * w)
+    for b, q, head, level, point in torch.cartesian_prod(*(torch.arange(k) for k in (n, lq, m, n_levels,
+                                                                                      n_points))).tolist():
+        h, w = shapes[level]
+        x = locations[b, q, head, level, point, 0].item() * w - 0.5
+        y = locations[b, q, head, level, point, 1].item() * h - 0.5
+        x0, y0 = math.floor(x), math.floor(y)
+        for yy, xx in ((y0, x0), (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1)):
+            if 0 <= yy < h and 0 <= xx < w:
+                bilinear = (1 - abs(x - xx)) * (1 - abs(y - yy))
+                row = starts[level] + yy * w + xx
+                out[b, q, head] += weights[b, q, head, level, point] * bilinear * value[b, row, head]
+    return out.flatten(2)
+
+
+def grads(fn, value, locations, weights, grad_out):
+    inputs = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, grad_out))
+
+
+def test_pytorch_path_matches_direct_loop():
+    value, spatial_shapes, _, locations, weights = make_inputs(n=1, m=2, d=3, lq=4, p=2)
+    expected = naive_ms_deform_attn(value, SHAPES, locations, weights)
+    torch.testing.assert_close(ms_deform_attn_pytorch(value, spatial_shapes, locations, weights), expected)
+    # The Python list of shapes gives the same result without reading the tensor.
+    torch.testing.assert_close(ms_deform_attn_pytorch(value, None, locations, weights, SHAPES), expected)
+
+
+def test_pytorch_path_rejects_inconsistent_shapes():
+    value, spatial_shapes, _, locations, weights = make_inputs()
+    with pytest.raises(ValueError, match='level shapes'):
+        ms_deform_attn_pytorch(value[:, :-1], spatial_shapes, locations, weights)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize('d, p', [(5, 2), (32, 1), (16, 3)])
+def test_cpu_kernel_matches_pytorch(cpu_extension, dtype, tol, d, p):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(d=d, p=p, dtype=dtype)
+    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * d, dtype=dtype)
+    expected = grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
+                     grad_out)
+    fused = grads(lambda v, l, a: ms_deform_attn_func._FusedMSDeformAttn.apply(
+        cpu_extension, v, spatial_shapes, level_start_index, l, a, 64), value, locations, weights, grad_out)
+    for name, got, want in zip(('output', 'grad_value', 'grad_locations', 'grad_weights'), fused, expected):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
+
+
+def test_cpu_backward_with_more_threads_than_heads(cpu_extension):
+    """With one (n, m) slice and several threads the queries are split into chunks with private grad buffers."""
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(n=1, m=1, lq=9)
+    grad_out = torch.randn(1, 9, 5, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        fused = cpu_extension.backward(value, spatial_shapes, level_start_index, locations, weights, grad_out, 64)
+    finally:
+        torch.set_num_threads(threads)
+    expected = grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
+                     grad_out)[1:]
+    for got, want in zip(fused, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_cpu_kernel_gradcheck(cpu_extension):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(n=1, m=2, d=3, lq=3, p=2)
+    # Keep points away from pixel-centre lines, where bilinear sampling is not differentiable.
+    locations = locations.clamp(-0.2, 1.2)
+
+    def fused(v, l, a):
+        return ms_deform_attn_func._FusedMSDeformAttn.apply(cpu_extension, v, spatial_shapes, level_start_index,
+                                                             l, a, 64)
+    inputs = tuple(t.clone().requires_grad_() for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(fused, inputs, eps=1e-7, atol=1e-6)
+
+
+def test_cpu_kernel_rejects_bad_inputs(cpu_extension):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match='float32 or float64'):
+        cpu_extension.forward(value.half(), spatial_shapes, level_start_index, locations.half(), weights.half(), 64)
+    with pytest.raises(RuntimeError, match='contiguous'):
+        cpu_extension.forward(value.transpose(0, 1).contiguous().transpose(0, 1), spatial_shapes,
+                              level_start_index, locations, weights, 64)
+    with pytest.raises(RuntimeError, match='does not fit'):
+        cpu_extension.forward(value[:, :-1].contiguous(), spatial_shapes, level_start_index, locations, weights, 64)
+
+
+def test_auto_picks_cpu_kernel_and_matches_pytorch(cpu_extension):
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs()
+    assert resolve_backend(value.device) == 'cpu'
+    fused = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    set_backend('pytorch')
+    assert resolve_backend(value.device) == 'pytorch'
+    reference = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_environment_variable_overrides_set_backend(monkeypatch, cpu_extension):
+    set_backend('cpu')
+    monkeypatch.setenv(ms_deform_attn_func.ENV_VAR, 'pytorch')
+    assert resolve_backend(torch.device('cpu')) == 'pytorch'
+    monkeypatch.setenv(ms_deform_attn_func.ENV_VAR, 'fast')
+    with pytest.raises(ValueError, match='CAFF_MSDA_BACKEND'):
+        resolve_backend(torch.device('cpu'))
+
+
+def test_unknown_backend_name_is_an_error():
+    with pytest.raises(ValueError, match="unknown MSDeformAttn backend 'gpu'"):
+        set_backend('gpu')
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken_build():
+        raise RuntimeError('Error building extension\nc++: fatal error: no input files')
+
+    monkeypatch.setattr(ms_deform_attn_func, '_extensions', {})
+    monkeypatch.setattr(build, 'load_cpu_extension', broken_build)
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs()
+    with pytest.warns(RuntimeWarning, match="'cpu' backend could not be built.*no input files"):
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    torch.testing.assert_close(out, ms_deform_attn_pytorch(value, spatial_shapes, locations, weights))
+
+
+def test_cuda_backend_on_cpu_tensors_warns_and_runs(cpu_extension):
+    set_backend('cuda')
+    with pytest.warns(RuntimeWarning, match="backend 'cuda' cannot run cpu tensors"):
+        assert resolve_backend(torch.device('cpu')) == 'cpu'
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('backend', ['pytorch', 'cpu'])
+def test_reduced_precision_runs_in_fp32(cpu_extension, dtype, backend):
+    set_backend(backend)
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs(dtype=torch.float32)
+    value, weights = value.to(dtype), weights.to(dtype)
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    assert out.dtype == dtype
+    expected = ms_deform_attn_pytorch(value.float(), spatial_shapes, locations, weights.float())
+    torch.testing.assert_close(out, expected.to(dtype))
+
+
+def test_op_rejects_mismatched_weights():
+    value, spatial_shapes, level_start_index, locations, weights = make_inputs()
+    with pytest.raises(ValueError, match=r'attention_weights must be \(N, Lq, M, L, P\)'):
+        ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights[..., :1])
+
+
+def test_module_init_follows_reference():
+    layer = MSDeformAttn(d_model=64, n_levels=2, n_heads=8, n_points=3)
+    bias = layer.sampling_offsets.bias.view(8, 2, 3, 2)
+    # Head 0 points along +x, head 2 along +y, head 1 along the diagonal (scaled so max |component| = 1).
+    torch.testing.assert_close(bias[0, 1], torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]))
+    torch.testing.assert_close(bias[2, 0, 2], torch.tensor([0.0, 3.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(bias[1, 0, 0], torch.tensor([1.0, 1.0]))
+    assert not layer.sampling_offsets.weight.any() and not layer.attention_weights.weight.any()
+    assert not layer.attention_weights.bias.any() and not layer.value_proj.bias.any()
+    with pytest.raises(ValueError, match=r'd_model \(60\) must be divisible by n_heads \(8\)'):
+        MSDeformAttn(d_model=60, n_heads=8)
+
+
+def test_module_keys_match_reference_manifest():
+    layer = MSDeformAttn(d_model=256, n_levels=4, n_heads=8, n_points=4)
+    ours = {k: list(v.shape) for k, v in layer.state_dict().items()}
+    # transformer.encoder.layers.0.self_attn.* of the DINO-4scale-R50 reference state dict.
+    reference = {'sampling_offsets.weight': [256, 256], 'sampling_offsets.bias': [256],
+                 'attention_weights.weight': [128, 256], 'attention_weights.bias': [128],
+                 'value_proj.weight': [256, 256], 'value_proj.bias': [256],
+                 'output_proj.weight': [256, 256], 'output_proj.bias': [256]}
+    assert ours == reference
+
+
+def module_inputs(n=2, lq=5, c=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor([[4, 6], [2, 3]])
+    level_start_index = torch.tensor([0, 24])
+    query = torch.randn(n, lq, c, generator=gen)
+    flat = torch.randn(n, 30, c, generator=gen)
+    return query, flat, spatial_shapes, level_start_index, gen
+
+
+def test_module_sampling_locations_for_2d_and_4d_references(monkeypatch):
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    torch.nn.init.normal_(layer.sampling_offsets.weight)
+    query, flat, spatial_shapes, level_start_index, gen = module_inputs()
+    seen = {}
+
+    def spy(value, shapes, starts, locations, weights, im2col_step, shapes_list):
+        seen['locations'], seen['weights'] = locations, weights
+        return ms_deform_attn_pytorch(value, shapes, locations, weights, shapes_list)
+
+    monkeypatch.setattr(ms_deform_attn_layer, 'ms_deform_attn', spy)
+    offsets = layer.sampling_offsets(query).view(2, 5, 2, 2, 2, 2)
+    ref2 = torch.rand(2, 5, 2, 2, generator=gen)
+    layer(query, ref2, flat, spatial_shapes, level_start_index)
+    per_pixel = offsets / torch.tensor([[6.0, 4.0], [3.0, 2.0]]).view(1, 1, 1, 2, 1, 2)
+    torch.testing.assert_close(seen['locations'], ref2[:, :, None, :, None] + per_pixel)
+    torch.testing.assert_close(seen['weights'].sum((-1, -2)), torch.ones(2, 5, 2))
+    ref4 = torch.rand(2, 5, 2, 4, generator=gen)
+    out = layer(query, ref4, flat, spatial_shapes, level_start_index)
+    box_scaled = offsets / 2 * ref4[:, :, None, :, None, 2:] * 0.5
+    torch.testing.assert_close(seen['locations'], ref4[:, :, None, :, None, :2] + box_scaled)
+    assert out.shape == (2, 5, 16)
+    with pytest.raises(ValueError, match='must end in 2'):
+        layer(query, ref4[..., :3], flat, spatial_shapes, level_start_index)
+
+
+def test_module_padding_mask_ignores_padded_values():
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    query, flat, spatial_shapes, level_start_index, gen = module_inputs()
+    ref = torch.rand(2, 5, 2, 2, generator=gen)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[:, 20:] = True
+    changed = flat.clone()
+    changed[:, 20:] += 100.0
+    out = layer(query, ref, flat, spatial_shapes, level_start_index, mask)
+    torch.testing.assert_close(layer(query, ref, changed, spatial_shapes, level_start_index, mask), out)
+    assert not torch.allclose(layer(query, ref, changed, spatial_shapes, level_start_index), out)
+
+
+def test_module_backends_agree_and_fp16_keeps_dtype(cpu_extension):
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)
+    query, flat, spatial_shapes, level_start_index, gen = module_inputs()
+    ref = torch.rand(2, 5, 2, 4, generator=gen)
+    set_backend('cpu')
+    fused = layer(query, ref, flat, spatial_shapes, level_start_index)
+    set_backend('pytorch')
+    reference = layer(query, ref, flat, spatial_shapes, level_start_index, spatial_shapes_list=[(4, 6), (2, 3)])
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    half = layer.half()
+    set_backend('auto')
+    out = half(query.half(), ref.half(), flat.half(), spatial_shapes, level_start_index)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
