@@ -6,7 +6,7 @@ IDEA-Research/DINO (``models/dino/dino.py``) and CAFF-DETR's CAFF-DINO, with the
 
 - both backbones, the fusion and the modality routing are chosen by config keys (``backbone``, ``backbone_ir``,
   ``fusion_type``, ``query_modality``, ``caff_*``) instead of being hard-coded;
-- ``dn_labelbook_size`` is checked against ``num_classes`` here (the fork base indexes out of range later);
+- ``dn_labelbook_size`` is checked against ``num_classes`` first (the fork base indexes out of range later);
 - freezing of both backbones happens once at build (``freeze_backbones``), not in every training epoch.
 
 The sub-packages are imported lazily inside :func:`build_model`, so ``import models.ops`` (or any other part)
@@ -30,15 +30,13 @@ def build_model(cfg):
     from .caff_dino import CAFFDINO
     from .criterion import SetCriterion, build_weight_dict
     from .deformable_transformer import DeformableTransformer
+    from .dn_components import check_dn_labelbook
     from .matcher import HungarianMatcher
     from .ops import set_backend
     from .postprocess import PostProcess
 
-    if cfg.use_dn and cfg.dn_labelbook_size < cfg.num_classes:
-        raise ValueError(
-            f'config: dn_labelbook_size={cfg.dn_labelbook_size} is smaller than num_classes={cfg.num_classes}; '
-            f'denoising draws labels up to num_classes-1 from label_enc, which has dn_labelbook_size+1 rows. '
-            f'Set dn_labelbook_size >= num_classes (the reference uses dn_labelbook_size = num_classes = 91).')
+    if cfg.use_dn:
+        check_dn_labelbook(cfg.dn_labelbook_size, cfg.num_classes)  # before the (slow) backbones are built
     set_backend(cfg.msda_backend)
 
     def backbone(name):
