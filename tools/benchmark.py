@@ -83,8 +83,8 @@ def machine_description(threads: int) -> str:
             f'load average at start {load}; torch {torch.__version__}; Python {platform.python_version()}')
 
 
-def command_line() -> str:
-    return 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+def command_line(argv: list[str]) -> str:
+    return 'python tools/benchmark.py ' + ' '.join(shlex.quote(a) for a in argv)
 
 
 def write_page(path: str | None, title: str, body: str) -> None:
@@ -269,7 +269,7 @@ def run_e2e(args: argparse.Namespace) -> None:
     results = {name: _e2e_subprocess(name, args) for name in args.models}
     methods = sorted({r['peak_method'] for r in results.values()})
     body = '\n'.join([
-        f'Measured {started:%Y-%m-%d %H:%M} UTC with `{command_line()}`.', '',
+        f'Measured {started:%Y-%m-%d %H:%M} UTC with `{command_line(args.argv)}`.', '',
         f'Machine: {machine}.', '',
         f'Input: one random RGB/IR pair of {args.width} x {args.height} (W x H), batch 1, no resize, random '
         f'weights, inference forward (`torch.inference_mode`), post-processing not included. '
@@ -432,7 +432,7 @@ def run_fusion_study(args: argparse.Namespace) -> None:
     objects = ', '.join(f'{v}: {counts[v][1]}' for v in VISIBILITIES)
     extra = f' and `--options {" ".join(args.options)}`' if args.options else ''
     body = '\n'.join([
-        f'Measured {started:%Y-%m-%d %H:%M} UTC with `{command_line()}`.', '',
+        f'Measured {started:%Y-%m-%d %H:%M} UTC with `{command_line(args.argv)}`.', '',
         f'Machine: {machine}.', '',
         f'Each row: `{args.config}` trained from scratch by `main.py` with `fusion_type=<row>`{extra}, '
         f'{args.epochs} epochs, seed {args.seed}, on the synthetic data set `{data}` '
@@ -492,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = lambda: run_msda(argv[1:])  # noqa: E731  (its arguments belong to tools/bench_msda.py)
     else:
         args = get_args_parser().parse_args(argv)
+        args.argv = argv
         runner = {'e2e': lambda: run_e2e(args), 'fusion-study': lambda: run_fusion_study(args)}[args.command]
     try:
         runner()
