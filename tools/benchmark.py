@@ -34,6 +34,7 @@ dir is reused; an interrupted one is resumed from its ``checkpoint.pth``.
 """
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -274,7 +275,8 @@ def run_e2e(args: argparse.Namespace) -> None:
         f'Input: one random RGB/IR pair of {args.width} x {args.height} (W x H), batch 1, no resize, random '
         f'weights, inference forward (`torch.inference_mode`), post-processing not included. '
         f'{args.warmup} warm-up + {args.repeats} timed forwards per model, each model in its own process. '
-        f'MSDeformAttn backend: `{args.msda_backend}`.', '',
+        f'MSDeformAttn backend: `{args.msda_backend}`.'
+        + (f' Config overrides for every model: `{" ".join(args.options)}`.' if args.options else ''), '',
         e2e_table(results), '',
         'Backbones: both backbones with their position encodings. Fusion: `conv_corr` + `redim_corr` at every '
         'level. Transformer + heads: the rest of the forward (input projections, extra levels, encoder, decoder, '
@@ -302,6 +304,13 @@ def _completed_epochs(log_path: Path) -> list[dict]:
     return [r for r in read_log(log_path) if 'epoch' in r and 'test_coco_eval_bbox' in r]
 
 
+def run_name(fusion_type: str, data: Path, args: argparse.Namespace) -> str:
+    """Output folder name of one run: everything that changes its result is in it, so reuse is safe."""
+    setup = ' '.join([args.config, args.device, *args.options])
+    return (f'{fusion_type}_e{args.epochs}_seed{args.seed}_{data.name}_'
+            f'{hashlib.sha1(setup.encode()).hexdigest()[:8]}')
+
+
 def train_fusion_type(fusion_type: str, data: Path, out: Path, args: argparse.Namespace) -> float:
     """Train one fusion type through ``main.py`` into ``out`` (reused or resumed); returns the seconds spent."""
     if len(_completed_epochs(out / 'log.txt')) >= args.epochs:
@@ -309,7 +318,7 @@ def train_fusion_type(fusion_type: str, data: Path, out: Path, args: argparse.Na
         return float('nan')
     cmd = [sys.executable, str(REPO_ROOT / 'main.py'), '-c', str(REPO_ROOT / args.config), '--dataset_file',
            'synthetic', '--coco_path', str(data), '--output_dir', str(out), '--seed', str(args.seed),
-           '--device', 'cpu', '--num_workers', '0', '--options', f'fusion_type={fusion_type}',
+           '--device', args.device, '--num_workers', '0', '--options', f'fusion_type={fusion_type}',
            f'epochs={args.epochs}', 'save_checkpoint_interval=0', *args.options]
     if (out / 'checkpoint.pth').is_file():
         cmd += ['--resume', str(out / 'checkpoint.pth')]
@@ -375,7 +384,7 @@ def study_row(fusion_type: str, out: Path, gt: dict, score_threshold: float, sec
     best = max(records, key=lambda r: r['test_coco_eval_bbox'][0])
     detections_path = out / 'detections_bbox.json'
     detections = json.loads(detections_path.read_text()) if detections_path.is_file() else []
-    return {'fusion_type': fusion_type, 'epochs': len(records), 'ap': last['test_coco_eval_bbox'][:3],
+    return {'fusion_type': fusion_type, 'ap': last['test_coco_eval_bbox'][:3],
             'best_ap': best['test_coco_eval_bbox'][0], 'best_epoch': best['epoch'],
             'recall': recall_by_visibility(gt, detections, score_threshold), 'seconds': seconds}
 
@@ -425,7 +434,7 @@ def run_fusion_study(args: argparse.Namespace) -> None:
     gt = json.loads((data / 'coco_annotations' / 'LLVIP_test.json').read_text())
     rows = []
     for fusion_type in args.fusion_types:
-        out = work / f'{fusion_type}_e{args.epochs}_seed{args.seed}_{data.name}'
+        out = work / run_name(fusion_type, data, args)
         seconds = train_fusion_type(fusion_type, data, out, args)
         rows.append(study_row(fusion_type, out, gt, args.score_threshold, seconds))
     counts = recall_by_visibility(gt, [], 1.0)
@@ -435,7 +444,7 @@ def run_fusion_study(args: argparse.Namespace) -> None:
         f'Measured {started:%Y-%m-%d %H:%M} UTC with `{command_line(args.argv)}`.', '',
         f'Machine: {machine}.', '',
         f'Each row: `{args.config}` trained from scratch by `main.py` with `fusion_type=<row>`{extra}, '
-        f'{args.epochs} epochs, seed {args.seed}, on the synthetic data set `{data}` '
+        f'{args.epochs} epoch(s) on {args.device}, seed {args.seed}, on the synthetic data set `{data}` '
         f'({len(gt["images"])} val pairs; val objects by visibility: {objects}). AP / AP50 / AP75 (COCO, %) '
         f'after the last epoch. Recall at IoU 0.5 of detections with score >= {args.score_threshold}, '
         'one-to-one per class.', '',
@@ -478,6 +487,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     study.add_argument('--config', default=STUDY_CONFIG, help=f'model/training config (default {STUDY_CONFIG})')
     study.add_argument('--threads', type=int, default=torch.get_num_threads(),
                        help=f'CPU threads per training run (default here: {torch.get_num_threads()})')
+    study.add_argument('--device', default='cpu', help="device of the training runs (default 'cpu')")
     study.add_argument('--score-threshold', type=float, default=0.3, help='for the recall columns (default 0.3)')
     study.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE',
                        help='config overrides for every run, e.g. batch_size=2 lr_drop=8')
