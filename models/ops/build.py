@@ -143,21 +143,27 @@ def load_cuda_extension(archs: list[str] | None = None, verbose: bool = False) -
     # torch resolves CUDA_HOME once at import (from $CUDA_HOME or PATH); point it at the toolkit nvcc belongs to.
     os.environ['CUDA_HOME'] = str(cuda_home)
     cpp_extension.CUDA_HOME = str(cuda_home)
-    if archs:
-        os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
-    elif not os.environ.get('TORCH_CUDA_ARCH_LIST') and not torch.cuda.is_available():
+    if not archs and not os.environ.get('TORCH_CUDA_ARCH_LIST') and not torch.cuda.is_available():
         raise RuntimeError("no GPU is visible to pick the target architecture; pass archs=['8.0', ...] or set "
                            "TORCH_CUDA_ARCH_LIST")
-    name = CUDA_EXTENSION
-    if archs:
-        name += '_sm' + '_'.join(a.replace('.', '') for a in archs)
+    name = CUDA_EXTENSION + ('_sm' + '_'.join(a.replace('.', '') for a in archs) if archs else '')
     directory = build_root() / name
     directory.mkdir(parents=True, exist_ok=True)
-    includes = nvidia_wheel_include_dirs()
-    return cpp_extension.load(
-        name=name, sources=[str(s) for s in CUDA_SOURCES], build_directory=str(directory),
-        extra_include_paths=includes, extra_cflags=['-O3'],
-        extra_cuda_cflags=['-O3', '-lineinfo'], verbose=verbose)
+    # -isystem after torch's own include flags: the toolkit's headers win, the wheels only fill in missing ones.
+    wheel_includes = [flag for path in nvidia_wheel_include_dirs() for flag in ('-isystem', path)]
+    saved_archs = os.environ.get('TORCH_CUDA_ARCH_LIST')
+    if archs:
+        os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
+    try:
+        return cpp_extension.load(
+            name=name, sources=[str(s) for s in CUDA_SOURCES], build_directory=str(directory),
+            extra_cflags=['-O3', *wheel_includes], extra_cuda_cflags=['-O3', '-lineinfo', *wheel_includes],
+            verbose=verbose)
+    finally:
+        if saved_archs is None:
+            os.environ.pop('TORCH_CUDA_ARCH_LIST', None)
+        else:
+            os.environ['TORCH_CUDA_ARCH_LIST'] = saved_archs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,250 @@
+// Multi-scale deformable attention on CUDA: forward and backward kernels (fp32, fp64), for current torch.
+//
+// Same tensors and sampling rule as the CPU kernel (ms_deform_attn_cpu.cpp) and Deformable-DETR's op:
+//   value (N, S, M, D), spatial_shapes (L, 2) int64 (H, W), level_start_index (L,) int64,
+//   sampling_locations (N, Lq, M, L, P, 2) (x, y) in [0, 1], attention_weights (N, Lq, M, L, P) -> (N, Lq, M * D)
+// with grid_sample(align_corners=False, padding_mode='zeros') bilinear sampling.
+// Differences from the reference kernels: dtype dispatch through scalar_type() (the reference's value.type() no
+// longer compiles on torch 2.x), the current stream and a device guard, no im2col batching (the whole batch is one
+// launch; im2col_step is accepted for signature compatibility), and one thread per sampling point in the backward
+// (grad_locations / grad_weights need no cross-thread reduction; grad_value uses atomics as in the reference).
+// fp16 / bf16 inputs are cast to fp32 by the Python caller.
+#include <torch/extension.h>
+
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Bilinear neighbours of one point, order (h0, w0), (h0, w1), (h1, w0), (h1, w1); row = -1 when outside the map.
+template <typename scalar_t>
+struct Neighbours {
+  int64_t row[4];
+  scalar_t weight[4];
+  scalar_t lh, lw;
+  bool any;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Neighbours<scalar_t> neighbours(scalar_t x, scalar_t y, int64_t height, int64_t width,
+                                                           int64_t start) {
+  Neighbours<scalar_t> nb;
+  nb.any = false;
+  const scalar_t h = y * static_cast<scalar_t>(height) - scalar_t(0.5);
+  const scalar_t w = x * static_cast<scalar_t>(width) - scalar_t(0.5);
+  // Beyond one pixel outside the map all neighbours are outside; also rejects NaN before the integer cast.
+  if (!(h > scalar_t(-2) && w > scalar_t(-2) && h < static_cast<scalar_t>(height + 1) &&
+        w < static_cast<scalar_t>(width + 1))) {
+    return nb;
+  }
+  const scalar_t h_floor = floor(h);
+  const scalar_t w_floor = floor(w);
+  const int64_t h0 = static_cast<int64_t>(h_floor);
+  const int64_t w0 = static_cast<int64_t>(w_floor);
+  nb.lh = h - h_floor;
+  nb.lw = w - w_floor;
+  const scalar_t hh = scalar_t(1) - nb.lh;
+  const scalar_t hw = scalar_t(1) - nb.lw;
+  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
+  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
+  const scalar_t weights[4] = {hh * hw, hh * nb.lw, nb.lh * hw, nb.lh * nb.lw};
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const bool inside = hs[c] >= 0 && hs[c] < height && ws[c] >= 0 && ws[c] < width;
+    nb.row[c] = inside ? start + hs[c] * width + ws[c] : -1;
+    nb.weight[c] = weights[c];
+    nb.any = nb.any || inside;
+  }
+  return nb;
+}
+
+struct Sizes {
+  int64_t batch, num_value, heads, channels, num_query, levels, points;
+};
+
+// One thread per output element (n, q, m, d); consecutive threads read consecutive channels of a value row.
+template <typename scalar_t>
+__global__ void forward_kernel(Sizes sz, const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                               const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+                               const scalar_t* __restrict__ weights, scalar_t* __restrict__ out) {
+  const int64_t total = sz.batch * sz.num_query * sz.heads * sz.channels;
+  const int64_t L = sz.levels, P = sz.points, M = sz.heads, D = sz.channels;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t d = i % D;
+    const int64_t head = i / D;  // index of (n, q, m)
+    const int64_t m = head % M;
+    const int64_t n = head / (M * sz.num_query);
+    const scalar_t* loc = locations + head * L * P * 2;
+    const scalar_t* attn = weights + head * L * P;
+    scalar_t acc = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t height = shapes[2 * l], width = shapes[2 * l + 1], start = starts[l];
+      for (int64_t p = 0; p < P; ++p, loc += 2, ++attn) {
+        const auto nb = neighbours<scalar_t>(loc[0], loc[1], height, width, start);
+        if (!nb.any) continue;
+        scalar_t sample = 0;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (nb.row[c] >= 0) sample += nb.weight[c] * value[((n * sz.num_value + nb.row[c]) * M + m) * D + d];
+        }
+        acc += *attn * sample;
+      }
+    }
+    out[i] = acc;
+  }
+}
+
+// One thread per sampling point (n, q, m, l, p): it owns grad_locations / grad_weights of the point and adds its
+// share to the four value rows with atomics.
+template <typename scalar_t>
+__global__ void backward_kernel(Sizes sz, const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                                const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+                                const scalar_t* __restrict__ weights, const scalar_t* __restrict__ grad_out,
+                                scalar_t* __restrict__ grad_value, scalar_t* __restrict__ grad_locations,
+                                scalar_t* __restrict__ grad_weights) {
+  const int64_t L = sz.levels, P = sz.points, M = sz.heads, D = sz.channels;
+  const int64_t total = sz.batch * sz.num_query * M * L * P;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t l = (i / P) % L;
+    const int64_t head = i / (L * P);  // index of (n, q, m)
+    const int64_t m = head % M;
+    const int64_t n = head / (M * sz.num_query);
+    const int64_t height = shapes[2 * l], width = shapes[2 * l + 1];
+    const auto nb = neighbours<scalar_t>(locations[2 * i], locations[2 * i + 1], height, width, starts[l]);
+    if (!nb.any) continue;  // the gradients of this point stay zero
+    const scalar_t attn = weights[i];
+    const scalar_t* go = grad_out + head * D;
+    scalar_t dot[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (nb.row[c] < 0) continue;
+      const int64_t offset = ((n * sz.num_value + nb.row[c]) * M + m) * D;
+      const scalar_t a = attn * nb.weight[c];
+      scalar_t s = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        const scalar_t g = go[d];
+        s += g * value[offset + d];
+        gpuAtomicAdd(grad_value + offset + d, a * g);
+      }
+      dot[c] = s;
+    }
+    const scalar_t hh = scalar_t(1) - nb.lh, hw = scalar_t(1) - nb.lw;
+    grad_weights[i] = nb.weight[0] * dot[0] + nb.weight[1] * dot[1] + nb.weight[2] * dot[2] + nb.weight[3] * dot[3];
+    const scalar_t d_lw = hh * (dot[1] - dot[0]) + nb.lh * (dot[3] - dot[2]);
+    const scalar_t d_lh = hw * (dot[2] - dot[0]) + nb.lw * (dot[3] - dot[1]);
+    grad_locations[2 * i] = attn * static_cast<scalar_t>(width) * d_lw;
+    grad_locations[2 * i + 1] = attn * static_cast<scalar_t>(height) * d_lh;
+  }
+}
+
+Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const auto device = value.device();
+  TORCH_CHECK(device.is_cuda() && spatial_shapes.device() == device && level_start_index.device() == device &&
+                  sampling_locations.device() == device && attention_weights.device() == device,
+              "ms_deform_attn_cuda: all inputs must be CUDA tensors on one device");
+  TORCH_CHECK(value.dim() == 4, "ms_deform_attn_cuda: value must be (N, S, M, D), got ", value.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+              "ms_deform_attn_cuda: sampling_locations must be (N, Lq, M, L, P, 2), got ",
+              sampling_locations.sizes());
+  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
+              "ms_deform_attn_cuda: value must be float32 or float64 (cast fp16/bf16 to float32), got ",
+              value.scalar_type());
+  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
+                  attention_weights.scalar_type() == value.scalar_type(),
+              "ms_deform_attn_cuda: value, sampling_locations and attention_weights must share one dtype");
+  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+              "ms_deform_attn_cuda: spatial_shapes and level_start_index must be int64");
+  TORCH_CHECK(value.is_contiguous() && sampling_locations.is_contiguous() && attention_weights.is_contiguous() &&
+                  spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
+              "ms_deform_attn_cuda: inputs must be contiguous (call .contiguous())");
+  Sizes sz{value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
+           sampling_locations.size(3), sampling_locations.size(4)};
+  TORCH_CHECK(sampling_locations.size(0) == sz.batch && sampling_locations.size(2) == sz.heads,
+              "ms_deform_attn_cuda: sampling_locations ", sampling_locations.sizes(), " does not match value ",
+              value.sizes());
+  TORCH_CHECK(attention_weights.dim() == 5 && attention_weights.size(0) == sz.batch &&
+                  attention_weights.size(1) == sz.num_query && attention_weights.size(2) == sz.heads &&
+                  attention_weights.size(3) == sz.levels && attention_weights.size(4) == sz.points,
+              "ms_deform_attn_cuda: attention_weights ", attention_weights.sizes(),
+              " does not match sampling_locations ", sampling_locations.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == sz.levels && spatial_shapes.size(1) == 2 &&
+                  level_start_index.dim() == 1 && level_start_index.size(0) == sz.levels,
+              "ms_deform_attn_cuda: spatial_shapes must be (L, 2) and level_start_index (L,) with L = ", sz.levels);
+  return sz;
+}
+
+int blocks_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65535LL * 32)));
+}
+
+at::Tensor ms_deform_attn_cuda_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                       const at::Tensor& attention_weights, int64_t im2col_step) {
+  TORCH_CHECK(im2col_step > 0, "ms_deform_attn_cuda: im2col_step must be positive, got ", im2col_step);
+  const Sizes sz = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const c10::cuda::CUDAGuard guard(value.device());
+  auto out = at::empty({sz.batch, sz.num_query, sz.heads * sz.channels}, value.options());
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cuda_forward", [&] {
+    forward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        sz, value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
+        sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::vector<at::Tensor> ms_deform_attn_cuda_backward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                                     const at::Tensor& level_start_index,
+                                                     const at::Tensor& sampling_locations,
+                                                     const at::Tensor& attention_weights,
+                                                     const at::Tensor& grad_output, int64_t im2col_step) {
+  TORCH_CHECK(im2col_step > 0, "ms_deform_attn_cuda: im2col_step must be positive, got ", im2col_step);
+  const Sizes sz = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == sz.batch && grad_output.size(1) == sz.num_query &&
+                  grad_output.size(2) == sz.heads * sz.channels && grad_output.scalar_type() == value.scalar_type() &&
+                  grad_output.is_contiguous() && grad_output.device() == value.device(),
+              "ms_deform_attn_cuda: grad_output must be a contiguous (N, Lq, M*D) tensor of value's dtype and "
+              "device, got ", grad_output.sizes());
+  const c10::cuda::CUDAGuard guard(value.device());
+  auto grad_value = at::zeros_like(value);
+  auto grad_locations = at::zeros_like(sampling_locations);
+  auto grad_weights = at::zeros_like(attention_weights);
+  const int64_t total = attention_weights.numel();
+  if (total == 0 || sz.channels == 0) return {grad_value, grad_locations, grad_weights};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cuda_backward", [&] {
+    backward_kernel<scalar_t><<<blocks_for(total), kThreads, 0, stream>>>(
+        sz, value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
+        sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(),
+        grad_output.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(), grad_locations.data_ptr<scalar_t>(),
+        grad_weights.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_value, grad_locations, grad_weights};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Multi-scale deformable attention, CUDA kernels (CAFF-DINO models/ops)";
+  m.def("forward", &ms_deform_attn_cuda_forward, "MSDeformAttn forward (CUDA)", py::arg("value"),
+        py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("im2col_step"));
+  m.def("backward", &ms_deform_attn_cuda_backward, "MSDeformAttn backward (CUDA): grad value, locations, weights",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("grad_output"), py::arg("im2col_step"));
+}
