@@ -109,9 +109,9 @@ class CAFFDINO(nn.Module):
         if query_modality not in QUERY_MODALITIES:
             raise ValueError(f'query_modality={query_modality!r} is unknown; choose one of {list(QUERY_MODALITIES)} '
                              f"('ir' reproduces the reference and its released checkpoints)")
-        if backbone_visible.num_channels != backbone_ir.num_channels:
-            raise ValueError(f'backbone and backbone_ir must give the same levels and channels, got '
-                             f'{backbone_visible.num_channels} and {backbone_ir.num_channels}')
+        if backbone_visible.strides != backbone_ir.strides:
+            raise ValueError(f'backbone and backbone_ir must give feature levels of the same strides (the fusion pairs '
+                             f'them), got {backbone_visible.strides} and {backbone_ir.strides}')
         if dn_number > 0:
             check_dn_labelbook(dn_labelbook_size, num_classes)
         num_backbone_outs = len(backbone_visible.num_channels)

@@ -98,13 +98,14 @@ def test_caff_options_reach_the_fusion_modules(tiny_cfg):
     assert model.redim_corr[0][0].in_channels == 2 * tiny_cfg.hidden_dim + 32
 
 
-def test_backbone_ir_defaults_to_backbone_and_can_differ(tiny_cfg):
+def test_backbone_ir_defaults_to_backbone_and_may_differ_in_channels(tiny_cfg):
     model, _, _ = build_on_meta(tiny_cfg)
     assert model.backbone_ir.num_channels == model.backbone_visible.num_channels
-    tiny_cfg.backbone_ir = 'resnet34'
+    tiny_cfg.backbone_ir = 'resnet50'
     model, _, _ = build_on_meta(tiny_cfg)
-    n_visible = sum(p.numel() for p in model.backbone_visible.parameters())
-    assert sum(p.numel() for p in model.backbone_ir.parameters()) > n_visible
+    assert model.backbone_ir.num_channels == [512, 1024, 2048]
+    assert model.input_proj_ir[0][0].in_channels == 512 and model.input_proj[0][0].in_channels == 128
+    assert model.input_proj_ir[3][0].in_channels == 2048
 
 
 def test_unknown_query_modality_names_the_choices(tiny_cfg):

@@ -13,6 +13,7 @@ whole model; the deformable attention uses the pure-PyTorch path so that nothing
 table (docs/benchmarks/fusion_cost.md holds the measured ones).
 """
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -120,7 +121,8 @@ def main(argv=None) -> None:
     per_part_flops, total_flops, shapes = count_flops(cfg, args.height, args.width)
     per_part_time, total_time = time_parts(cfg, args.height, args.width, args.repeats)
     print(f'{args.config}, input {args.height} x {args.width}, batch 1, inference, CPU threads '
-          f'{torch.get_num_threads()}, best of {args.repeats}')
+          f'{torch.get_num_threads()}, best of {args.repeats}, load average {os.getloadavg()[0]:.1f} on '
+          f'{os.cpu_count()} cores')
     print(markdown_table(per_part_flops, total_flops, shapes, per_part_time, total_time))
 
 
