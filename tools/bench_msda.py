@@ -109,6 +109,7 @@ def measure(backend: str, case: str, device: torch.device, repeats: int) -> dict
         for leaf in leaves:
             leaf.grad = None
 
+    ran = resolve_backend(device)  # loads the extension first, so its library is not counted as op memory
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -121,7 +122,6 @@ def measure(backend: str, case: str, device: torch.device, repeats: int) -> dict
         peak_mib = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
-    ran = resolve_backend(device)
     label = backend if ran == backend else f'{backend} (ran {ran})'
     return {'backend': label, 'case': case, 'fwd_ms': fwd, 'fwd_bwd_ms': fwd_bwd, 'peak_mib': peak_mib,
             'queries': int(locations.shape[1])}
