@@ -8,11 +8,12 @@ The op runs on the same inputs for every backend; times are medians over --repea
 Peak memory on CPU is the growth of the process's resident-set high-water mark while the case runs (each
 (backend, case) runs in a fresh process); on CUDA it is torch's peak allocated memory above the inputs.
 
-    python tools/bench_msda.py                       # cpu: pytorch vs cpu, 2 threads, writes docs/benchmarks/msda_cpu.md
+    python tools/bench_msda.py            # cpu: pytorch vs cpu, 2 threads, writes docs/benchmarks/msda_cpu.md
     python tools/bench_msda.py --device cuda --output outputs/msda_cuda.md
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         command = ' '.join(['python tools/bench_msda.py', *(argv if argv is not None else sys.argv[1:])])
         header = (f'# MSDeformAttn benchmark ({device.type})\n\nWritten by `{command}` on '
                   f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, torch {torch.__version__}, '
-                  f'{cpu_name()}.\n\n')
+                  f'{cpu_name()}, {os.cpu_count()} cores, 1-minute load average at the end: '
+                  f'{os.getloadavg()[0]:.1f} (a load above the core count means other work shared the cores: '
+                  'absolute times are then inflated; the ratios compare backends on the same inputs).\n\n')
         output.write_text(header + text + '\n')
         print(f'\nwritten to {output}')
 

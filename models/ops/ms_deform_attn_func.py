@@ -63,6 +63,15 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _failure_reason(error: Exception) -> str:
+    """The informative line of a build error: the first compiler 'error' line, else the last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    errors = [line for line in lines if 'error' in line.lower() and not line.startswith('Error building extension')]
+    return errors[0] if errors else lines[-1]
+
+
 def _extension(name: str) -> ModuleType | None:
     """The compiled extension for 'cpu' or 'cuda', built on first request; None (after one warning) if it can't."""
     if name not in _extensions:
@@ -71,10 +80,10 @@ def _extension(name: str) -> ModuleType | None:
         try:
             _extensions[name] = loader()
         except Exception as error:  # a failed build must degrade to the pytorch path, whatever the cause
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             _extensions[name] = None
-            _warn_once(f'build-{name}', f"MSDeformAttn: the '{name}' backend could not be built ({reason}); "
-                                        "using the 'pytorch' backend instead")
+            _warn_once(f'build-{name}', f"MSDeformAttn: the '{name}' backend could not be built "
+                                        f"({_failure_reason(error)}); using the 'pytorch' backend instead (set "
+                                        f"{ENV_VAR}=pytorch to skip the build)")
     return _extensions[name]
 
 
