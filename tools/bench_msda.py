@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.ops import ms_deform_attn, resolve_backend, set_backend  # noqa: E402  (needs the repository root on sys.path)
+from models.ops import ms_deform_attn, resolve_backend, set_backend  # noqa: E402  (needs ROOT on sys.path)
 
 IMAGE_HW = (512, 640)
 STRIDES = (8, 16, 32, 64)

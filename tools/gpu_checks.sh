@@ -17,7 +17,9 @@ if ! "$python_bin" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available(
     echo "gpu_checks: torch sees no CUDA device; run this on a GPU machine" >&2
     exit 2
 fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out_dir/gpu.txt"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out_dir/gpu.txt"
+fi
 
 echo "== 1/3 build the CUDA extension for this GPU"
 "$python_bin" -m models.ops.build --cuda 2>&1 | tee "$out_dir/build.log"

@@ -99,11 +99,12 @@ Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   TORCH_CHECK(sampling_locations.size(0) == sz.batch && sampling_locations.size(2) == sz.heads,
               "ms_deform_attn_cpu: sampling_locations ", sampling_locations.sizes(), " does not match value ",
               value.sizes());
-  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef({sz.batch, sz.num_query, sz.heads, sz.levels, sz.points}),
-              "ms_deform_attn_cpu: attention_weights ", attention_weights.sizes(), " does not match sampling_locations ",
-              sampling_locations.sizes());
+  const std::vector<int64_t> weights_shape{sz.batch, sz.num_query, sz.heads, sz.levels, sz.points};
+  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef(weights_shape), "ms_deform_attn_cpu: attention_weights ",
+              attention_weights.sizes(), " does not match sampling_locations ", sampling_locations.sizes());
   TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == sz.levels && spatial_shapes.size(1) == 2,
-              "ms_deform_attn_cpu: spatial_shapes must be (L, 2) with L = ", sz.levels, ", got ", spatial_shapes.sizes());
+              "ms_deform_attn_cpu: spatial_shapes must be (L, 2) with L = ", sz.levels, ", got ",
+              spatial_shapes.sizes());
   TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == sz.levels,
               "ms_deform_attn_cpu: level_start_index must be (L,) with L = ", sz.levels, ", got ",
               level_start_index.sizes());
