@@ -278,11 +278,19 @@ def test_module_backends_agree_and_fp16_keeps_dtype(cpu_extension):
     torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)
     query, flat, spatial_shapes, level_start_index, gen = module_inputs()
     ref = torch.rand(2, 5, 2, 4, generator=gen)
-    set_backend('cpu')
-    fused = layer(query, ref, flat, spatial_shapes, level_start_index)
-    set_backend('pytorch')
-    reference = layer(query, ref, flat, spatial_shapes, level_start_index, spatial_shapes_list=[(4, 6), (2, 3)])
-    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    outputs, param_grads = {}, {}
+    for backend in ('cpu', 'pytorch'):
+        set_backend(backend)
+        layer.zero_grad()
+        outputs[backend] = layer(query, ref, flat, spatial_shapes, level_start_index,
+                                 spatial_shapes_list=[(4, 6), (2, 3)])
+        outputs[backend].square().sum().backward()
+        param_grads[backend] = {k: p.grad.clone() for k, p in layer.named_parameters()}
+    reference = outputs['pytorch']
+    torch.testing.assert_close(outputs['cpu'], reference, rtol=1e-5, atol=1e-6)
+    for name, grad in param_grads['pytorch'].items():
+        torch.testing.assert_close(param_grads['cpu'][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    reference = reference.detach()
     half = layer.half()
     set_backend('auto')
     out = half(query.half(), ref.half(), flat.half(), spatial_shapes, level_start_index)
