@@ -77,11 +77,24 @@ def test_batch_without_objects_trains(tiny):
     rgb, ir = image_pair()
     targets = [target([], []), target([], [])]
     outputs = model([rgb, rgb], [ir, ir], targets)
+    assert outputs['dn_meta'] is None
     total, losses = weighted_loss(criterion, outputs, targets)
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert losses['loss_bbox'] == 0 and losses['loss_giou'] == 0
     total.backward()
     assert model.label_enc.weight.grad is not None
+
+
+def test_batch_mixing_empty_and_annotated_images_trains(tiny):
+    model, criterion, _ = build(tiny)
+    model.train()
+    rgb, ir = image_pair()
+    targets = [target([], []), target([[0.5, 0.5, 0.2, 0.3]], [2])]
+    outputs = model([rgb, rgb], [ir, ir], targets)
+    assert outputs['dn_meta']['pad_size'] > 0
+    total, losses = weighted_loss(criterion, outputs, targets)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    total.backward()
 
 
 def test_eval_is_deterministic_and_has_no_dn(tiny):
