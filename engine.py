@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections import defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -24,6 +25,8 @@ from util import dist
 from util.metric_logger import MetricLogger, SmoothedValue
 
 logger = logging.getLogger('caff_dino')
+
+MAIN_TERMS = ('loss_ce', 'loss_bbox', 'loss_giou')
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,6 +73,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     weight_dict = criterion.weight_dict
     metric_logger = MetricLogger(delimiter='  ')
     metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.2e}'))
+    term_sums: dict[str, float] = defaultdict(float)
+    steps = 0
     for step, (samples_rgb, samples_ir, targets) in enumerate(
             metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', logger)):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
@@ -103,11 +108,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if ema is not None:
             ema.update(model.module if hasattr(model, 'module') else model)
 
-        metric_logger.update(loss=loss_value, **reduced_weighted,
-                             **{f'{k}_unscaled': v for k, v in reduced.items()})
-        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
-    metric_logger.synchronize_between_processes()
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+        # The progress line shows the total and the last decoder layer's terms; every term goes into the averages.
+        metric_logger.update(loss=loss_value, **{k: reduced_weighted[k] for k in MAIN_TERMS if k in reduced_weighted},
+                             lr=optimizer.param_groups[0]['lr'])
+        for k, v in reduced_weighted.items():
+            term_sums[k] += v.item()
+        for k, v in reduced.items():
+            term_sums[f'{k}_unscaled'] += v.item()
+        steps += 1
+    # Every rank already holds the rank-averaged values, so the plain means are the global ones.
+    stats = {k: total / max(steps, 1) for k, total in term_sums.items()}
+    stats.update({k: meter.global_avg for k, meter in metric_logger.meters.items()})
+    return stats
 
 
 @torch.no_grad()
@@ -116,9 +128,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
              print_freq: int = 10) -> tuple[dict, CocoEvaluator]:
     """Run the model over ``data_loader`` and score it with COCO bbox metrics against ``base_ds`` (a ``COCO``).
 
-    Returns ``(stats, evaluator)``; ``stats`` holds the averaged weighted loss terms, ``coco_eval_bbox`` (the 12
-    COCO numbers, AP first) and ``coco_eval_per_class`` ({class: [AP, AP50]}). With ``output_dir`` the main process
-    writes the detections to ``output_dir/detections_bbox.json``. Every rank returns the same stats.
+    Returns ``(stats, evaluator)``; ``stats`` holds the averaged loss and main weighted terms, ``coco_eval_bbox``
+    (the 12 COCO numbers, AP first) and ``coco_eval_per_class`` ({class: [AP, AP50]}). With ``output_dir`` the main
+    process writes the detections to ``output_dir/detections_bbox.json``. Every rank returns the same stats.
     """
     model.eval()
     criterion.eval()
@@ -133,7 +145,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
         outputs = _float32(outputs)
         loss_dict = dist.reduce_dict(criterion(outputs, targets))
         weighted = {k: v * weight_dict[k] for k, v in loss_dict.items() if k in weight_dict}
-        metric_logger.update(loss=sum(weighted.values()).item(), **weighted)
+        metric_logger.update(loss=sum(weighted.values()).item(),
+                             **{k: weighted[k] for k in MAIN_TERMS if k in weighted})
 
         orig_sizes = torch.stack([t['orig_size'] for t in targets], dim=0)
         results = postprocessors['bbox'](outputs, orig_sizes)

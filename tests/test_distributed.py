@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
                 'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
                 'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2', 'epochs=1', 'print_freq=100', 'save_checkpoint_interval=0']
+                'batch_size=2', 'epochs=1', 'print_freq=100', 'save_checkpoint_interval=0',
+                "msda_backend='pytorch'"]
 
 # Runs main.run under torchrun, then compares the ranks' weights (all_gather) and records the result.
 DRIVER = textwrap.dedent('''

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
                 'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
                 'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2']
+                'batch_size=2', "msda_backend='pytorch'"]
 
 
 @pytest.fixture(scope='module')

@@ -170,7 +170,8 @@ def load_pretrained_coco(model: nn.Module, path: str, ignore=(), allow_unsafe: b
     """``--pretrain_model_coco``: initialise both branches from a mono-spectral DINO checkpoint.
 
     The key mapping (``backbone.*`` -> both backbones, ``input_proj.*`` -> both projections, the rest unchanged)
-    is ``models.checkpoint_keys.map_dino_to_caff``; the fusion (``conv_corr``, ``redim_corr``) keeps its fresh initialisation.
+    is ``models.checkpoint_keys.map_dino_to_caff``; the fusion (``conv_corr``, ``redim_corr``) keeps its fresh
+    initialisation.
     """
     from models.checkpoint_keys import map_dino_to_caff
     checkpoint = load_checkpoint(path, allow_unsafe)
