@@ -40,7 +40,8 @@ from util.optim import ModelEma, param_groups
 
 # CLI flags that are config keys: given on the command line they override the config value.
 CONFIG_OVERRIDES = ('dataset_file', 'coco_path', 'output_dir', 'device', 'seed', 'num_workers', 'amp')
-DEMO_CONFIG = 'config/DINO/CAFF_tiny.py'
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+DEMO_CONFIG = os.path.join(REPO_ROOT, 'config', 'DINO', 'CAFF_tiny.py')
 DEMO_DATA = 'data/synthetic_llvip'
 
 logger = logging.getLogger('caff_dino')
@@ -55,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config_file', '-c', help='Python config file, e.g. config/DINO/DINO_4scale.py')
     parser.add_argument('--demo', action='store_true',
                         help=f'generate the synthetic data set into {DEMO_DATA} (if absent), train '
-                             f'{DEMO_CONFIG} on it and evaluate')
+                             'config/DINO/CAFF_tiny.py on it on the CPU and evaluate')
     parser.add_argument('--options', nargs='+', metavar='KEY=VALUE', default=[],
                         help='override config keys, e.g. --options epochs=2 lr=2e-4 caff_kernel_sizes=1,5,7')
     keys = parser.add_argument_group('config keys (override the config file)')

@@ -65,6 +65,22 @@ def test_reference_readme_commands_parse_verbatim():
     assert cfg.output_dir, 'the default output_dir must not be empty (the reference crashes on it)'
 
 
+def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monkeypatch):
+    args = main.get_args_parser().parse_args(['--demo'])
+    cfg = main.load_run_config(args)
+    assert args.config_file == main.DEMO_CONFIG and cfg.coco_path == main.DEMO_DATA
+    assert cfg.dataset_file == 'synthetic' and cfg.device == 'cpu'
+    written = []
+    monkeypatch.setattr('datasets.synthetic.generate_synthetic_dataset', lambda root: written.append(root))
+    main.prepare_demo_data(str(tmp_path / 'fresh'))
+    (tmp_path / 'present').mkdir()
+    (tmp_path / 'present' / 'visible').mkdir()
+    main.prepare_demo_data(str(tmp_path / 'present'))
+    assert written == [str(tmp_path / 'fresh')], 'the data set is generated only when absent'
+    with pytest.raises(main.UsageError, match='config file is required'):
+        main.load_run_config(main.get_args_parser().parse_args([]))
+
+
 def test_train_eval_checkpoints_log_and_eval_reproduces(data_root, tmp_path):
     out = tmp_path / 'run'
     assert main.main(cli(data_root, out, options=['epochs=1'])) == 0
