@@ -159,6 +159,7 @@ def prepare_demo_data(root: str) -> None:
 
 def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Everything after parsing; returns the (unwrapped) model and the last evaluation stats."""
+    run_start = time.time()
     cfg = load_run_config(args)
     device = resolve_device(cfg.device)
     distributed = dist.init_distributed(device)
@@ -265,8 +266,11 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         dist.barrier()
         logger.info(f'epoch {epoch}: {coco_table(stats["coco_eval_bbox"])}  (best AP {100 * best_metric:.1f} '
                     f'at epoch {best_epoch})')
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    logger.info(f'training time {total}')
+    logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}, whole run '
+                f'{datetime.timedelta(seconds=int(time.time() - run_start))}')
+    if stats:
+        logger.info(f'final (epoch {cfg.epochs - 1}): {coco_table(stats["coco_eval_bbox"])}; best AP '
+                    f'{100 * best_metric:.1f} at epoch {best_epoch}')
     logger.info(f'checkpoints: {os.path.abspath(last_ckpt)}, {os.path.abspath(best_ckpt)}')
     logger.info(f'logs: {os.path.abspath(os.path.join(output_dir, "log.txt"))}, '
                 f'{os.path.abspath(os.path.join(output_dir, "info.txt"))}')
