@@ -13,7 +13,8 @@ holding every detection of the post-processor (``num_select`` per image, not thr
 with pycocotools), and ``DIR/images.json``, a COCO skeleton (``images`` with ids and file names, ``categories``)
 that says which pair each ``image_id`` is.
 
-Image ids: the data set's ids in ``--split`` mode (so ``detections.json`` scores against its annotation file);
+Image ids: the data set's ids in ``--split`` mode (so ``detections.json`` scores against its annotation file;
+a file with string ids gets the int ids of ``PairedCocoDataset.image_id_map``);
 1..N in file-name order for folders; 1 for a single pair. Folders are paired by identical file name.
 Class names come from the data set's ``categories`` (the split's annotation file, or else the annotation file of
 the config's ``coco_path`` when it exists); otherwise the class id is shown.
