@@ -172,9 +172,9 @@ class PartTimer:
 
 def part_groups(model) -> dict[str, list[torch.nn.Module]]:
     """Both backbones and the fusion modules of a CAFFDINO, from the part list of ``tools/profile_fusion.py``."""
-    from tools.profile_fusion import _parts
+    from tools.profile_fusion import fusion_parts
     groups = {'backbones': [], 'fusion': []}
-    for name, module in _parts(model).items():
+    for name, module in fusion_parts(model).items():
         if name.startswith('backbone'):
             groups['backbones'].append(module)
         elif name.startswith(('conv_corr', 'redim_corr')):

@@ -35,7 +35,7 @@ def _pair(height: int, width: int, device: str) -> tuple[NestedTensor, NestedTen
     return NestedTensor(rgb, mask), NestedTensor(ir, mask)
 
 
-def _parts(model) -> dict[str, torch.nn.Module]:
+def fusion_parts(model) -> dict[str, torch.nn.Module]:
     """Named parts to measure: fusion modules per level, both backbones, the transformer."""
     parts = {'backbone_visible': model.backbone_visible, 'backbone_ir': model.backbone_ir,
              'transformer': model.transformer}
@@ -63,7 +63,7 @@ def count_flops(cfg, height: int, width: int) -> tuple[dict[str, float], float, 
         model(*_pair(height, width, 'meta'))
     counts = counter.get_flop_counts()
     root = type(model).__name__
-    per_part = {name: float(sum(counts.get(f'{root}.{name}', {}).values())) for name in _parts(model)}
+    per_part = {name: float(sum(counts.get(f'{root}.{name}', {}).values())) for name in fusion_parts(model)}
     return per_part, float(counter.get_total_flops()), shapes
 
 
@@ -72,7 +72,7 @@ def time_parts(cfg, height: int, width: int, repeats: int) -> tuple[dict[str, fl
     model, _, _ = build_model(cfg)
     model.eval()
     started, spent = {}, defaultdict(list)
-    for name, module in _parts(model).items():
+    for name, module in fusion_parts(model).items():
         module.register_forward_pre_hook(lambda module, args, name=name: started.__setitem__(name, time.perf_counter()))
         module.register_forward_hook(
             lambda module, args, out, name=name: spent[name].append(time.perf_counter() - started[name]))
