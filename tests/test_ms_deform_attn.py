@@ -2,10 +2,12 @@
 (forward and the three gradients, fp64 and fp32), gradcheck, backend dispatch and fallback, and the MSDeformAttn
 layer (reference init, key names, 2-d / 4-d reference points, padding mask, fp16)."""
 import math
+import re
 import warnings
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from models.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_pytorch, resolve_backend, set_backend
 from models.ops import build, ms_deform_attn_func, ms_deform_attn_layer
@@ -136,6 +138,25 @@ def test_cpu_kernel_rejects_bad_inputs(cpu_extension):
                               level_start_index, locations, weights, 64)
     with pytest.raises(RuntimeError, match='does not fit'):
         cpu_extension.forward(value[:, :-1].contiguous(), spatial_shapes, level_start_index, locations, weights, 64)
+
+
+def test_header_change_changes_build_flags(monkeypatch, tmp_path):
+    """Every header the kernels include is hashed into their compile flags: editing one makes torch rebuild."""
+    included = {name for source in build.CPU_SOURCES + build.CUDA_SOURCES
+                for name in re.findall(r'#include "([^"]+)"', source.read_text())}
+    assert included == {header.name for header in build.HEADERS}
+    header = tmp_path / 'checks.h'
+    header.write_text('// first\n')
+    monkeypatch.setattr(build, 'HEADERS', [header])
+    monkeypatch.setattr(build, 'find_cxx', lambda: '/usr/bin/c++')
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'cache'))
+    calls = []
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', lambda **kwargs: calls.append(kwargs))
+    build.load_cpu_extension()
+    header.write_text('// second\n')
+    build.load_cpu_extension()
+    assert calls[0]['extra_cflags'] != calls[1]['extra_cflags']
+    assert calls[0]['sources'] == calls[1]['sources']
 
 
 def test_auto_picks_cpu_kernel_and_matches_pytorch(cpu_extension):

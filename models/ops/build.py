@@ -2,7 +2,8 @@
 
 Nothing here runs at import time: the dispatcher (`ms_deform_attn_func.py`) calls `load_cpu_extension()` or
 `load_cuda_extension()` on first use. Builds are cached under `$TORCH_EXTENSIONS_DIR` (if set) or
-`~/.cache/caff_dino/torch_extensions/`, in a folder per torch/Python version; a source change triggers a rebuild.
+`~/.cache/caff_dino/torch_extensions/`, in a folder per torch/Python version; a change to a source or to a shared
+header (`HEADERS`, whose digest is one of the compile flags) triggers a rebuild.
 The reference (Deformable-DETR `setup.py`) needs a CUDA machine to build at all; this builds the CPU kernel
 anywhere a C++ compiler exists, and the CUDA kernel anywhere `nvcc` exists (no GPU needed to compile).
 
@@ -27,6 +28,7 @@ import torch
 CSRC = Path(__file__).resolve().parent / 'csrc'
 CPU_SOURCES = [CSRC / 'ms_deform_attn_cpu.cpp']
 CUDA_SOURCES = [CSRC / 'ms_deform_attn_cuda.cu']
+HEADERS = [CSRC / 'ms_deform_attn_checks.h']
 CPU_EXTENSION = 'caff_msda_cpu'
 CUDA_EXTENSION = 'caff_msda_cuda'
 
@@ -36,6 +38,19 @@ def build_root() -> Path:
     base = os.environ.get('TORCH_EXTENSIONS_DIR') or Path.home() / '.cache' / 'caff_dino' / 'torch_extensions'
     tag = f"torch{torch.__version__.replace('+', '_')}_py{sys.version_info.major}{sys.version_info.minor}"
     return Path(base) / tag
+
+
+def headers_flag() -> str:
+    """A `-D` compile flag carrying a digest of the `HEADERS` the sources include.
+
+    torch's JIT loader decides whether to rebuild from the sources and the flags only, not from the files the
+    sources include; with the digest in the flags a header change changes the compile command, so both torch and
+    ninja rebuild.
+    """
+    digest = hashlib.sha1()
+    for header in HEADERS:
+        digest.update(header.read_bytes())
+    return f'-DCAFF_MSDA_HEADERS_SHA1={digest.hexdigest()[:12]}'
 
 
 def host_cpu_tag() -> str:
@@ -121,7 +136,8 @@ def load_cpu_extension(verbose: bool = False) -> ModuleType:
     # -march=native: the gathers and D-vector loops vectorise with the host's widest SIMD (about 2x over SSE2).
     # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the kernels run serially.
     return load(name=CPU_EXTENSION, sources=[str(s) for s in CPU_SOURCES], build_directory=str(directory),
-                extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'], verbose=verbose)
+                extra_cflags=['-O3', '-march=native', '-fopenmp', headers_flag()], extra_ldflags=['-fopenmp'],
+                verbose=verbose)
 
 
 def load_cuda_extension(archs: list[str] | None = None, verbose: bool = False) -> ModuleType:
@@ -157,7 +173,8 @@ def load_cuda_extension(archs: list[str] | None = None, verbose: bool = False) -
     try:
         return cpp_extension.load(
             name=name, sources=[str(s) for s in CUDA_SOURCES], build_directory=str(directory),
-            extra_cflags=['-O3', *wheel_includes], extra_cuda_cflags=['-O3', '-lineinfo', *wheel_includes],
+            extra_cflags=['-O3', headers_flag(), *wheel_includes],
+            extra_cuda_cflags=['-O3', '-lineinfo', headers_flag(), *wheel_includes],
             verbose=verbose)
     finally:
         if saved_archs is None:

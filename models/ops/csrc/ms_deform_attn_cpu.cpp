@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "ms_deform_attn_checks.h"
+
 namespace {
 
 // The four bilinear neighbours of one sampling point, in the order (h0, w0), (h0, w1), (h1, w0), (h1, w1).
@@ -68,46 +70,16 @@ inline Neighbours<scalar_t> neighbours(scalar_t x, scalar_t y, int64_t height, i
   return nb;
 }
 
-struct Sizes {
-  int64_t batch, num_value, heads, channels, num_query, levels, points;
-};
+using msda::Sizes;
 
+// The shared checks (ms_deform_attn_checks.h), the device, and that every level fits in value (read on the host).
 Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   TORCH_CHECK(value.device().is_cpu() && spatial_shapes.device().is_cpu() && level_start_index.device().is_cpu() &&
                   sampling_locations.device().is_cpu() && attention_weights.device().is_cpu(),
               "ms_deform_attn_cpu: all inputs must be CPU tensors");
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn_cpu: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn_cpu: sampling_locations must be (N, Lq, M, L, P, 2), got ", sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.dim() == 5, "ms_deform_attn_cpu: attention_weights must be (N, Lq, M, L, P), got ",
-              attention_weights.sizes());
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-              "ms_deform_attn_cpu: value must be float32 or float64 (cast fp16/bf16 to float32), got ",
-              value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn_cpu: value, sampling_locations and attention_weights must share one dtype, got ",
-              value.scalar_type(), ", ", sampling_locations.scalar_type(), ", ", attention_weights.scalar_type());
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn_cpu: spatial_shapes and level_start_index must be int64");
-  TORCH_CHECK(value.is_contiguous() && sampling_locations.is_contiguous() && attention_weights.is_contiguous() &&
-                  spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
-              "ms_deform_attn_cpu: inputs must be contiguous (call .contiguous())");
-  Sizes sz{value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
-           sampling_locations.size(3), sampling_locations.size(4)};
-  TORCH_CHECK(sampling_locations.size(0) == sz.batch && sampling_locations.size(2) == sz.heads,
-              "ms_deform_attn_cpu: sampling_locations ", sampling_locations.sizes(), " does not match value ",
-              value.sizes());
-  const std::vector<int64_t> weights_shape{sz.batch, sz.num_query, sz.heads, sz.levels, sz.points};
-  TORCH_CHECK(attention_weights.sizes() == at::IntArrayRef(weights_shape), "ms_deform_attn_cpu: attention_weights ",
-              attention_weights.sizes(), " does not match sampling_locations ", sampling_locations.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == sz.levels && spatial_shapes.size(1) == 2,
-              "ms_deform_attn_cpu: spatial_shapes must be (L, 2) with L = ", sz.levels, ", got ",
-              spatial_shapes.sizes());
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == sz.levels,
-              "ms_deform_attn_cpu: level_start_index must be (L,) with L = ", sz.levels, ", got ",
-              level_start_index.sizes());
+  const Sizes sz = msda::check_inputs("ms_deform_attn_cpu", value, spatial_shapes, level_start_index,
+                                      sampling_locations, attention_weights);
   const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
   const int64_t* starts = level_start_index.data_ptr<int64_t>();
   for (int64_t l = 0; l < sz.levels; ++l) {
@@ -243,11 +215,7 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value, con
                                                     const at::Tensor& grad_output, int64_t im2col_step) {
   TORCH_CHECK(im2col_step > 0, "ms_deform_attn_cpu: im2col_step must be positive, got ", im2col_step);
   const Sizes sz = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({sz.batch, sz.num_query, sz.heads * sz.channels}) &&
-                  grad_output.scalar_type() == value.scalar_type() && grad_output.is_contiguous() &&
-                  grad_output.device().is_cpu(),
-              "ms_deform_attn_cpu: grad_output must be a contiguous CPU (N, Lq, M*D) tensor of value's dtype, got ",
-              grad_output.sizes(), " ", grad_output.scalar_type());
+  msda::check_grad_output("ms_deform_attn_cpu", sz, grad_output, value);
   // Split the queries only when there are fewer (n, m) slices than threads; each extra chunk costs one copy of
   // grad_value.
   const int64_t slices = sz.batch * sz.heads;

@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "ms_deform_attn_checks.h"
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -65,9 +67,7 @@ __device__ __forceinline__ Neighbours<scalar_t> neighbours(scalar_t x, scalar_t 
   return nb;
 }
 
-struct Sizes {
-  int64_t batch, num_value, heads, channels, num_query, levels, points;
-};
+using msda::Sizes;
 
 // One thread per output element (n, q, m, d); consecutive threads read consecutive channels of a value row.
 template <typename scalar_t>
@@ -146,41 +146,15 @@ __global__ void backward_kernel(Sizes sz, const scalar_t* __restrict__ value, co
   }
 }
 
+// The shared checks (ms_deform_attn_checks.h) and the device; the level shapes live on the GPU and are not read.
 Sizes check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
   const auto device = value.device();
   TORCH_CHECK(device.is_cuda() && spatial_shapes.device() == device && level_start_index.device() == device &&
                   sampling_locations.device() == device && attention_weights.device() == device,
               "ms_deform_attn_cuda: all inputs must be CUDA tensors on one device");
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn_cuda: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
-              "ms_deform_attn_cuda: sampling_locations must be (N, Lq, M, L, P, 2), got ",
-              sampling_locations.sizes());
-  TORCH_CHECK(value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-              "ms_deform_attn_cuda: value must be float32 or float64 (cast fp16/bf16 to float32), got ",
-              value.scalar_type());
-  TORCH_CHECK(sampling_locations.scalar_type() == value.scalar_type() &&
-                  attention_weights.scalar_type() == value.scalar_type(),
-              "ms_deform_attn_cuda: value, sampling_locations and attention_weights must share one dtype");
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
-              "ms_deform_attn_cuda: spatial_shapes and level_start_index must be int64");
-  TORCH_CHECK(value.is_contiguous() && sampling_locations.is_contiguous() && attention_weights.is_contiguous() &&
-                  spatial_shapes.is_contiguous() && level_start_index.is_contiguous(),
-              "ms_deform_attn_cuda: inputs must be contiguous (call .contiguous())");
-  Sizes sz{value.size(0), value.size(1), value.size(2), value.size(3), sampling_locations.size(1),
-           sampling_locations.size(3), sampling_locations.size(4)};
-  TORCH_CHECK(sampling_locations.size(0) == sz.batch && sampling_locations.size(2) == sz.heads,
-              "ms_deform_attn_cuda: sampling_locations ", sampling_locations.sizes(), " does not match value ",
-              value.sizes());
-  TORCH_CHECK(attention_weights.dim() == 5 && attention_weights.size(0) == sz.batch &&
-                  attention_weights.size(1) == sz.num_query && attention_weights.size(2) == sz.heads &&
-                  attention_weights.size(3) == sz.levels && attention_weights.size(4) == sz.points,
-              "ms_deform_attn_cuda: attention_weights ", attention_weights.sizes(),
-              " does not match sampling_locations ", sampling_locations.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == sz.levels && spatial_shapes.size(1) == 2 &&
-                  level_start_index.dim() == 1 && level_start_index.size(0) == sz.levels,
-              "ms_deform_attn_cuda: spatial_shapes must be (L, 2) and level_start_index (L,) with L = ", sz.levels);
-  return sz;
+  return msda::check_inputs("ms_deform_attn_cuda", value, spatial_shapes, level_start_index, sampling_locations,
+                            attention_weights);
 }
 
 int blocks_for(int64_t total) {
@@ -214,11 +188,7 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(const at::Tensor& value, co
                                                      const at::Tensor& grad_output, int64_t im2col_step) {
   TORCH_CHECK(im2col_step > 0, "ms_deform_attn_cuda: im2col_step must be positive, got ", im2col_step);
   const Sizes sz = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == sz.batch && grad_output.size(1) == sz.num_query &&
-                  grad_output.size(2) == sz.heads * sz.channels && grad_output.scalar_type() == value.scalar_type() &&
-                  grad_output.is_contiguous() && grad_output.device() == value.device(),
-              "ms_deform_attn_cuda: grad_output must be a contiguous (N, Lq, M*D) tensor of value's dtype and "
-              "device, got ", grad_output.sizes());
+  msda::check_grad_output("ms_deform_attn_cuda", sz, grad_output, value);
   const c10::cuda::CUDAGuard guard(value.device());
   auto grad_value = at::zeros_like(value);
   auto grad_locations = at::zeros_like(sampling_locations);
