@@ -1,4 +1,5 @@
 """Fixtures shared by every test module (the repo root is on sys.path through pytest.ini's `pythonpath = .`)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,7 @@ import pytest
 from util.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO_ROOT.parent / 'shared' / 'reference' / 'manifests'
 
 
 @pytest.fixture(scope='session')
@@ -30,3 +32,22 @@ def write_file(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope='session')
+def reference_manifest():
+    """reference_manifest('name.json', prefix='') -> the JSON of ../shared/reference/manifests/name.json.
+
+    With a prefix, only the keys under it, prefix cut off, in file order (a state-dict manifest maps key -> shape).
+    Skips the test when the file is not there (the manifests live outside the repository).
+    """
+
+    def load(name: str, prefix: str = '') -> dict:
+        path = MANIFESTS / name
+        if not path.exists():
+            pytest.skip(f'reference manifest {path} not available')
+        manifest = json.loads(path.read_text())
+        return {key[len(prefix):]: value for key, value in manifest.items() if key.startswith(prefix)}
+
+    return load
+

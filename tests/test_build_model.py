@@ -1,6 +1,5 @@
 """Tests for models/__init__.py build_model: reference manifests (built on the meta device), config validation."""
 import functools
-import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ from models.criterion import SetCriterion
 from models.postprocess import PostProcess
 from util.config import load_config
 
-MANIFESTS = Path('/work/shared/reference/manifests')
 CONFIGS = Path(__file__).resolve().parents[1] / 'config' / 'DINO'
 
 
@@ -28,9 +26,9 @@ def reference_model(config):
 
 @pytest.mark.parametrize('config,manifest', [('DINO_4scale.py', 'caff_dino_4scale_r50_llvip'),
                                              ('DINO_5scale_swin.py', 'caff_dino_5scale_swinL_llvip')])
-def test_state_dict_equals_reference_manifest(config, manifest):
-    expected = json.loads((MANIFESTS / f'{manifest}.json').read_text())
-    info = json.loads((MANIFESTS / f'{manifest}.info.json').read_text())
+def test_state_dict_equals_reference_manifest(reference_manifest, config, manifest):
+    expected = reference_manifest(f'{manifest}.json')
+    info = reference_manifest(f'{manifest}.info.json')
     model = reference_model(config)
     got = {key: list(value.shape) for key, value in model.state_dict().items()}
     assert list(got) == list(expected)  # names and order

@@ -1,25 +1,16 @@
 """Tests for models/checkpoint_keys.py: the DINO -> CAFF-DINO key rules against the reference's mapping file."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from models.checkpoint_keys import CAFF_ONLY_PREFIXES, caff_keys_for, map_dino_to_caff
 
-MANIFESTS = Path('/work/shared/reference/manifests')
-
-
-def load(name):
-    return json.loads((MANIFESTS / name).read_text())
-
 
 @pytest.mark.parametrize('variant', ['4scale_r50', '5scale_swinL'])
-def test_rules_reproduce_the_reference_mapping(variant):
-    spec = load('dino_to_caff_key_mapping.json')
+def test_rules_reproduce_the_reference_mapping(reference_manifest, variant):
+    spec = reference_manifest('dino_to_caff_key_mapping.json')
     entry = spec[variant]
-    dino = load(entry['dino_manifest'])
-    caff = load(entry['caff_manifest'])
+    dino = reference_manifest(entry['dino_manifest'])
+    caff = reference_manifest(entry['caff_manifest'])
     ours = {key: caff_keys_for(key) for key in dino}
     assert ours == entry['mapping']
     filled = {k for targets in ours.values() for k in targets}
@@ -29,8 +20,8 @@ def test_rules_reproduce_the_reference_mapping(variant):
 
 @pytest.mark.parametrize('dino_name,caff_name', [('dino_4scale_r50.json', 'caff_dino_4scale_r50_llvip.json'),
                                                  ('dino_5scale_swinL.json', 'caff_dino_5scale_swinL_llvip.json')])
-def test_every_dino_key_lands_in_the_caff_model_with_its_shape(dino_name, caff_name):
-    dino, caff = load(dino_name), load(caff_name)
+def test_every_dino_key_lands_in_the_caff_model_with_its_shape(reference_manifest, dino_name, caff_name):
+    dino, caff = reference_manifest(dino_name), reference_manifest(caff_name)
     state = {key: torch.empty(shape, device='meta') for key, shape in dino.items()}
     mapped = map_dino_to_caff(state)
     assert set(mapped) <= set(caff)

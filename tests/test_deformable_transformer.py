@@ -1,7 +1,5 @@
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +9,6 @@ from models.deformable_transformer import (DeformableTransformer, DeformableTran
                                            encoder_output_proposals, valid_ratios_from_mask)
 from models.dn_components import prepare_for_cdn
 from models.utils import MLP
-
-MANIFESTS = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'manifests'
 
 
 @pytest.fixture(autouse=True)
@@ -58,9 +54,8 @@ def tiny_inputs(batch=2, d=32, shapes=((8, 8), (4, 4))):
 
 
 @pytest.mark.parametrize('manifest, levels', [('dino_4scale_r50.json', 4), ('dino_5scale_swinL.json', 5)])
-def test_state_dict_matches_reference_manifest(manifest, levels):
-    reference = json.loads((MANIFESTS / manifest).read_text())
-    expected = [(k[len('transformer.'):], v) for k, v in reference.items() if k.startswith('transformer.')]
+def test_state_dict_matches_reference_manifest(reference_manifest, manifest, levels):
+    expected = list(reference_manifest(manifest, 'transformer.').items())
     with torch.device('meta'):
         transformer = DeformableTransformer(num_feature_levels=levels)
         attach_dino_heads(transformer, num_classes=91)

@@ -1,7 +1,5 @@
 """Tests for models/fusion.py: CAFF against an independent re-derivation, small maps, PE cache, ablations."""
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +7,6 @@ import torch.nn.functional as F
 
 from models.fusion import (CrossSpectrumAttention, _combined_position_encoding, build_fusion_layers,
                            caff_position_encoding, fuse_level)
-
-MANIFEST = Path('/work/shared/reference/manifests/caff_dino_4scale_r50_llvip.json')
 
 
 def reference_pe(channels, height, width):
@@ -49,9 +45,8 @@ def reference_caff(module, x1, x2):
     return F.conv2d(fused, module.proj.weight, module.proj.bias)
 
 
-def test_state_dict_matches_reference_level():
-    manifest = json.loads(MANIFEST.read_text())
-    expected = {k[len('conv_corr.0.'):]: v for k, v in manifest.items() if k.startswith('conv_corr.0.')}
+def test_state_dict_matches_reference_level(reference_manifest):
+    expected = reference_manifest('caff_dino_4scale_r50_llvip.json', 'conv_corr.0.')
     with torch.device('meta'):
         module = CrossSpectrumAttention()
     got = {k: list(v.shape) for k, v in module.state_dict().items()}

@@ -1,7 +1,4 @@
 """ResNet backbone: reference state-dict layout, output levels, masks, build-time freezing, FrozenBatchNorm2d."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -9,16 +6,6 @@ from torch import nn
 from models.backbones import build_backbone
 from models.backbones.resnet import FrozenBatchNorm2d, ResNetBackbone
 from util.misc import NestedTensor
-
-MANIFESTS = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'manifests'
-
-
-def _manifest_backbone(name):
-    path = MANIFESTS / name
-    if not path.exists():
-        pytest.skip(f'reference manifest {path} not available')
-    manifest = json.loads(path.read_text())
-    return {k[len('backbone.'):]: v for k, v in manifest.items() if k.startswith('backbone.')}
 
 
 def _images(sizes, height, width):
@@ -29,8 +16,8 @@ def _images(sizes, height, width):
     return NestedTensor(tensors, mask)
 
 
-def test_r50_joiner_matches_reference_state_dict():
-    expected = _manifest_backbone('dino_4scale_r50.json')
+def test_r50_joiner_matches_reference_state_dict(reference_manifest):
+    expected = reference_manifest('dino_4scale_r50.json', 'backbone.')
     with torch.device('meta'):
         joiner = build_backbone('resnet50', [1, 2, 3])
     got = {k: list(v.shape) for k, v in joiner.state_dict().items()}

@@ -1,8 +1,5 @@
 """Swin Transformer backbone: reference state-dict layout, variants, any input size, masks, window attention math,
 shifted-window mask, and gradient checkpointing that really recomputes."""
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,17 +8,7 @@ from models.backbones.swin import (SWIN_NAMES, SwinBlock, SwinTransformer, Windo
                                    relative_position_index, shifted_window_mask, window_merge, window_partition)
 from util.misc import NestedTensor
 
-MANIFESTS = Path(__file__).resolve().parents[1].parent / 'shared' / 'reference' / 'manifests'
-
 TINY = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4)
-
-
-def _manifest_part(name, prefix):
-    path = MANIFESTS / name
-    if not path.exists():
-        pytest.skip(f'reference manifest {path} not available')
-    manifest = json.loads(path.read_text())
-    return {k[len(prefix):]: v for k, v in manifest.items() if k.startswith(prefix)}
 
 
 def _images(sizes, height, width):
@@ -36,8 +23,8 @@ def _images(sizes, height, width):
     ('caff_dino_5scale_swinL_llvip.json', 'backbone_visible.'),
     ('caff_dino_5scale_swinL_llvip.json', 'backbone_ir.'),
 ])
-def test_swin_l_joiner_matches_reference_state_dict(manifest, prefix):
-    expected = _manifest_part(manifest, prefix)
+def test_swin_l_joiner_matches_reference_state_dict(reference_manifest, manifest, prefix):
+    expected = reference_manifest(manifest, prefix)
     with torch.device('meta'):
         joiner = build_backbone('swin_L_384_22k', [0, 1, 2, 3], use_checkpoint=True)
     got = {k: list(v.shape) for k, v in joiner.state_dict().items()}
