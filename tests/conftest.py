@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from util.config import load_config
 
@@ -51,3 +52,36 @@ def reference_manifest():
 
     return load
 
+
+@pytest.fixture
+def fresh_msda_dispatch(monkeypatch):
+    """The MSDeformAttn dispatcher starts from 'auto', with no environment override and its own warn-once and
+    extension caches (tests/test_ms_deform_attn*.py use it for every test)."""
+    from models.ops import ms_deform_attn_func
+    monkeypatch.delenv(ms_deform_attn_func.ENV_VAR, raising=False)
+    monkeypatch.setattr(ms_deform_attn_func, '_requested', 'auto')
+    monkeypatch.setattr(ms_deform_attn_func, '_warned', set())
+    monkeypatch.setattr(ms_deform_attn_func, '_logged', set())
+    monkeypatch.setattr(ms_deform_attn_func, '_extensions', dict(ms_deform_attn_func._extensions))
+
+
+@pytest.fixture(scope='session')
+def msda_inputs():
+    """msda_inputs(n=2, m=3, d=5, lq=7, p=2, dtype=float64, seed=0, device='cpu') -> random MSDeformAttn inputs
+    (value, spatial_shapes, level_start_index, sampling_locations, attention_weights).
+
+    The levels are (3, 5), (1, 4), (6, 1), (2, 2): a single row and a single column among them. Locations span
+    [-0.3, 1.3], so points fall inside, on the border and outside the maps.
+    """
+
+    def make(n=2, m=3, d=5, lq=7, p=2, dtype=torch.float64, seed=0, device='cpu'):
+        gen = torch.Generator().manual_seed(seed)
+        spatial_shapes = torch.tensor([(3, 5), (1, 4), (6, 1), (2, 2)], dtype=torch.long)
+        level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
+        levels, s = len(spatial_shapes), int(spatial_shapes.prod(1).sum())
+        value = torch.randn(n, s, m, d, generator=gen, dtype=dtype)
+        locations = torch.rand(n, lq, m, levels, p, 2, generator=gen, dtype=dtype) * 1.6 - 0.3
+        weights = torch.rand(n, lq, m, levels, p, generator=gen, dtype=dtype)
+        return tuple(t.to(device) for t in (value, spatial_shapes, level_start_index, locations, weights))
+
+    return make

@@ -12,18 +12,7 @@ import torch.utils.cpp_extension
 from models.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_pytorch, resolve_backend, set_backend
 from models.ops import build, ms_deform_attn_func, ms_deform_attn_layer
 
-# Level shapes with a single row and a single column, as the tests of the issue ask.
-SHAPES = [(3, 5), (1, 4), (6, 1), (2, 2)]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dispatch(monkeypatch):
-    """Each test starts from 'auto', with no environment override and its own warn-once / extension caches."""
-    monkeypatch.delenv(ms_deform_attn_func.ENV_VAR, raising=False)
-    monkeypatch.setattr(ms_deform_attn_func, '_requested', 'auto')
-    monkeypatch.setattr(ms_deform_attn_func, '_warned', set())
-    monkeypatch.setattr(ms_deform_attn_func, '_logged', set())
-    monkeypatch.setattr(ms_deform_attn_func, '_extensions', dict(ms_deform_attn_func._extensions))
+pytestmark = pytest.mark.usefixtures('fresh_msda_dispatch')
 
 
 @pytest.fixture(scope='module')
@@ -31,19 +20,6 @@ def cpu_extension():
     if build.find_cxx() is None:
         pytest.skip('no C++ compiler: the cpu backend cannot be built here')
     return build.load_cpu_extension()
-
-
-def make_inputs(shapes=SHAPES, n=2, m=3, d=5, lq=7, p=2, dtype=torch.float64, seed=0):
-    """Random op inputs; locations span [-0.3, 1.3] so points fall inside, on the border and outside the maps."""
-    gen = torch.Generator().manual_seed(seed)
-    n_levels = len(shapes)
-    spatial_shapes = torch.tensor(shapes, dtype=torch.long)
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-    s = int(spatial_shapes.prod(1).sum())
-    value = torch.randn(n, s, m, d, generator=gen, dtype=dtype)
-    locations = torch.rand(n, lq, m, n_levels, p, 2, generator=gen, dtype=dtype) * 1.6 - 0.3
-    weights = torch.rand(n, lq, m, n_levels, p, generator=gen, dtype=dtype)
-    return value, spatial_shapes, level_start_index, locations, weights
 
 
 def naive_ms_deform_attn(value, shapes, locations, weights):
@@ -74,24 +50,25 @@ def grads(fn, value, locations, weights, grad_out):
     return (out, *torch.autograd.grad(out, inputs, grad_out))
 
 
-def test_pytorch_path_matches_direct_loop():
-    value, spatial_shapes, _, locations, weights = make_inputs(n=1, m=2, d=3, lq=4, p=2)
-    expected = naive_ms_deform_attn(value, SHAPES, locations, weights)
+def test_pytorch_path_matches_direct_loop(msda_inputs):
+    value, spatial_shapes, _, locations, weights = msda_inputs(n=1, m=2, d=3, lq=4, p=2)
+    shapes = [tuple(hw) for hw in spatial_shapes.tolist()]
+    expected = naive_ms_deform_attn(value, shapes, locations, weights)
     torch.testing.assert_close(ms_deform_attn_pytorch(value, spatial_shapes, locations, weights), expected)
     # The Python list of shapes gives the same result without reading the tensor.
-    torch.testing.assert_close(ms_deform_attn_pytorch(value, None, locations, weights, SHAPES), expected)
+    torch.testing.assert_close(ms_deform_attn_pytorch(value, None, locations, weights, shapes), expected)
 
 
-def test_pytorch_path_rejects_inconsistent_shapes():
-    value, spatial_shapes, _, locations, weights = make_inputs()
+def test_pytorch_path_rejects_inconsistent_shapes(msda_inputs):
+    value, spatial_shapes, _, locations, weights = msda_inputs()
     with pytest.raises(ValueError, match='level shapes'):
         ms_deform_attn_pytorch(value[:, :-1], spatial_shapes, locations, weights)
 
 
 @pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize('d, p', [(5, 2), (32, 1), (16, 3)])
-def test_cpu_kernel_matches_pytorch(cpu_extension, dtype, tol, d, p):
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs(d=d, p=p, dtype=dtype)
+def test_cpu_kernel_matches_pytorch(msda_inputs, cpu_extension, dtype, tol, d, p):
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs(d=d, p=p, dtype=dtype)
     grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * d, dtype=dtype)
     expected = grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
                      grad_out)
@@ -101,9 +78,9 @@ def test_cpu_kernel_matches_pytorch(cpu_extension, dtype, tol, d, p):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
 
 
-def test_cpu_backward_with_more_threads_than_heads(cpu_extension):
+def test_cpu_backward_with_more_threads_than_heads(msda_inputs, cpu_extension):
     """With one (n, m) slice and several threads the queries are split into chunks with private grad buffers."""
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs(n=1, m=1, lq=9)
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs(n=1, m=1, lq=9)
     grad_out = torch.randn(1, 9, 5, dtype=torch.float64)
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
@@ -117,8 +94,8 @@ def test_cpu_backward_with_more_threads_than_heads(cpu_extension):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_cpu_kernel_gradcheck(cpu_extension):
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs(n=1, m=2, d=3, lq=3, p=2)
+def test_cpu_kernel_gradcheck(msda_inputs, cpu_extension):
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs(n=1, m=2, d=3, lq=3, p=2)
     # Keep points away from pixel-centre lines, where bilinear sampling is not differentiable.
     locations = locations.clamp(-0.2, 1.2)
 
@@ -129,8 +106,8 @@ def test_cpu_kernel_gradcheck(cpu_extension):
     assert torch.autograd.gradcheck(fused, inputs, eps=1e-7, atol=1e-6)
 
 
-def test_cpu_kernel_rejects_bad_inputs(cpu_extension):
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs(dtype=torch.float32)
+def test_cpu_kernel_rejects_bad_inputs(msda_inputs, cpu_extension):
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs(dtype=torch.float32)
     with pytest.raises(RuntimeError, match='float32 or float64'):
         cpu_extension.forward(value.half(), spatial_shapes, level_start_index, locations.half(), weights.half(), 64)
     with pytest.raises(RuntimeError, match='contiguous'):
@@ -159,8 +136,8 @@ def test_header_change_changes_build_flags(monkeypatch, tmp_path):
     assert calls[0]['sources'] == calls[1]['sources']
 
 
-def test_auto_picks_cpu_kernel_and_matches_pytorch(cpu_extension):
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs()
+def test_auto_picks_cpu_kernel_and_matches_pytorch(msda_inputs, cpu_extension):
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs()
     assert resolve_backend(value.device) == 'cpu'
     fused = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
     set_backend('pytorch')
@@ -183,13 +160,13 @@ def test_unknown_backend_name_is_an_error():
         set_backend('gpu')
 
 
-def test_failed_build_warns_once_and_falls_back(monkeypatch):
+def test_failed_build_warns_once_and_falls_back(msda_inputs, monkeypatch):
     def broken_build():
         raise RuntimeError('Error building extension\nc++: fatal error: no input files')
 
     monkeypatch.setattr(ms_deform_attn_func, '_extensions', {})
     monkeypatch.setattr(build, 'load_cpu_extension', broken_build)
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs()
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs()
     with pytest.warns(RuntimeWarning, match="'cpu' backend could not be built.*no input files"):
         out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
     with warnings.catch_warnings():
@@ -206,9 +183,9 @@ def test_cuda_backend_on_cpu_tensors_warns_and_runs(cpu_extension):
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('backend', ['pytorch', 'cpu'])
-def test_reduced_precision_runs_in_fp32(cpu_extension, dtype, backend):
+def test_reduced_precision_runs_in_fp32(msda_inputs, cpu_extension, dtype, backend):
     set_backend(backend)
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs(dtype=torch.float32)
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs(dtype=torch.float32)
     value, weights = value.to(dtype), weights.to(dtype)
     out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
     assert out.dtype == dtype
@@ -216,8 +193,8 @@ def test_reduced_precision_runs_in_fp32(cpu_extension, dtype, backend):
     torch.testing.assert_close(out, expected.to(dtype))
 
 
-def test_op_rejects_mismatched_weights():
-    value, spatial_shapes, level_start_index, locations, weights = make_inputs()
+def test_op_rejects_mismatched_weights(msda_inputs):
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs()
     with pytest.raises(ValueError, match=r'attention_weights must be \(N, Lq, M, L, P\)'):
         ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights[..., :1])
 

@@ -9,31 +9,12 @@ from models.ops import ms_deform_attn, ms_deform_attn_pytorch, resolve_backend, 
 from models.ops import build, ms_deform_attn_func
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA device')
-SHAPES = [(3, 5), (1, 4), (6, 1), (2, 2)]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dispatch(monkeypatch):
-    monkeypatch.delenv(ms_deform_attn_func.ENV_VAR, raising=False)
-    monkeypatch.setattr(ms_deform_attn_func, '_requested', 'auto')
-    monkeypatch.setattr(ms_deform_attn_func, '_warned', set())
-    monkeypatch.setattr(ms_deform_attn_func, '_logged', set())
+pytestmark = pytest.mark.usefixtures('fresh_msda_dispatch')
 
 
 @pytest.fixture(scope='module')
 def cuda_extension():
     return build.load_cuda_extension()
-
-
-def make_inputs(device, d=5, p=2, dtype=torch.float64, n=2, m=3, lq=7, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    spatial_shapes = torch.tensor(SHAPES, dtype=torch.long)
-    level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
-    s = int(spatial_shapes.prod(1).sum())
-    value = torch.randn(n, s, m, d, generator=gen, dtype=dtype)
-    locations = torch.rand(n, lq, m, len(SHAPES), p, 2, generator=gen, dtype=dtype) * 1.6 - 0.3
-    weights = torch.rand(n, lq, m, len(SHAPES), p, generator=gen, dtype=dtype)
-    return tuple(t.to(device) for t in (value, spatial_shapes, level_start_index, locations, weights))
 
 
 @pytest.mark.skipif(build.find_nvcc() is None, reason='no nvcc: the CUDA sources cannot be compiled here')
@@ -60,8 +41,8 @@ def test_find_cuda_home_follows_wrapper_scripts(tmp_path):
 @needs_gpu
 @pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize('d, p', [(5, 2), (32, 1), (16, 3)])
-def test_cuda_kernel_matches_pytorch(cuda_extension, dtype, tol, d, p):
-    value, shapes, starts, locations, weights = make_inputs('cuda', d=d, p=p, dtype=dtype)
+def test_cuda_kernel_matches_pytorch(msda_inputs, cuda_extension, dtype, tol, d, p):
+    value, shapes, starts, locations, weights = msda_inputs(d=d, p=p, dtype=dtype, device='cuda')
     grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * d, dtype=dtype, device='cuda')
 
     def run(fn):
@@ -77,8 +58,8 @@ def test_cuda_kernel_matches_pytorch(cuda_extension, dtype, tol, d, p):
 
 
 @needs_gpu
-def test_cuda_kernel_gradcheck(cuda_extension):
-    value, shapes, starts, locations, weights = make_inputs('cuda', d=3, n=1, m=2, lq=3)
+def test_cuda_kernel_gradcheck(msda_inputs, cuda_extension):
+    value, shapes, starts, locations, weights = msda_inputs(d=3, n=1, m=2, lq=3, device='cuda')
 
     def fused(v, l, a):
         return ms_deform_attn_func._FusedMSDeformAttn.apply(cuda_extension, v, shapes, starts, l, a, 64)
@@ -88,9 +69,9 @@ def test_cuda_kernel_gradcheck(cuda_extension):
 
 @needs_gpu
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
-def test_auto_picks_cuda_and_reduced_precision_runs_in_fp32(cuda_extension, dtype):
+def test_auto_picks_cuda_and_reduced_precision_runs_in_fp32(msda_inputs, cuda_extension, dtype):
     set_backend('auto')
-    value, shapes, starts, locations, weights = make_inputs('cuda', dtype=torch.float32)
+    value, shapes, starts, locations, weights = msda_inputs(dtype=torch.float32, device='cuda')
     assert resolve_backend(value.device) == 'cuda'
     out = ms_deform_attn(value.to(dtype), shapes, starts, locations, weights.to(dtype))
     assert out.dtype == dtype
