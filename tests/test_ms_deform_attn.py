@@ -2,7 +2,10 @@
 (forward and the three gradients, fp64 and fp32), gradcheck, backend dispatch and fallback, and the MSDeformAttn
 layer (reference init, key names, 2-d / 4-d reference points, padding mask, fp16)."""
 import math
+import os
 import re
+import shutil
+import sysconfig
 import warnings
 
 import pytest
@@ -134,6 +137,29 @@ def test_header_change_changes_build_flags(monkeypatch, tmp_path):
     build.load_cpu_extension()
     assert calls[0]['extra_cflags'] != calls[1]['extra_cflags']
     assert calls[0]['sources'] == calls[1]['sources']
+
+
+def test_build_puts_the_interpreters_ninja_on_path(monkeypatch, tmp_path):
+    """A venv's python run without activating the venv: PATH has no ninja, the interpreter's scripts folder has."""
+    scripts = tmp_path / 'venv' / 'bin'
+    scripts.mkdir(parents=True)
+    ninja = scripts / 'ninja'
+    ninja.write_text('#!/bin/sh\necho 1.11.1\n')
+    ninja.chmod(0o755)
+    bare_path = str(tmp_path / 'no-ninja-here')
+    monkeypatch.setenv('PATH', bare_path)
+    get_path = sysconfig.get_path
+    monkeypatch.setattr(sysconfig, 'get_path', lambda name, *args: str(scripts) if name == 'scripts'
+                        else get_path(name, *args))
+    monkeypatch.setattr(build, 'find_cxx', lambda: '/usr/bin/c++')
+    monkeypatch.setenv('TORCH_EXTENSIONS_DIR', str(tmp_path / 'cache'))
+    assert not torch.utils.cpp_extension.is_ninja_available()
+    seen = []
+    monkeypatch.setattr(torch.utils.cpp_extension, 'load', lambda **kwargs: seen.append(
+        (torch.utils.cpp_extension.is_ninja_available(), shutil.which('ninja'))))
+    build.load_cpu_extension()
+    assert seen == [(True, str(ninja))]
+    assert os.environ['PATH'] == bare_path
 
 
 def test_auto_picks_cpu_kernel_and_matches_pytorch(msda_inputs, cpu_extension):

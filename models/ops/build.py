@@ -13,6 +13,7 @@ Ahead-of-time build (e.g. in a Docker image), from the repository root:
     python -m models.ops.build --cuda --arch 8.0 9.0      # the CUDA kernel for A100 and H100
 """
 import argparse
+import contextlib
 import hashlib
 import os
 import platform
@@ -21,6 +22,7 @@ import shutil
 import sys
 import sysconfig
 from pathlib import Path
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -72,6 +74,31 @@ def host_cpu_tag() -> str:
 def find_cxx() -> str | None:
     """The C++ compiler torch.utils.cpp_extension will call ($CXX, else c++), or None if there is none."""
     return shutil.which(os.environ.get('CXX', 'c++'))
+
+
+@contextlib.contextmanager
+def ninja_on_path() -> Iterator[str | None]:
+    """Within the block, `ninja` (which torch.utils.cpp_extension runs by name) is on PATH if it can be found.
+
+    A virtual environment's python run without activating it (`.venv/bin/python -m pytest`) does not have the
+    venv's bin folder on PATH, so the `ninja` pip package installed there is not found and the build fails. When
+    PATH has no ninja, the running interpreter's scripts folder (`sysconfig.get_path('scripts')`) is put in front
+    of PATH for the block and PATH is restored after it. Yields the ninja that will run, or None if there is none.
+    """
+    found = shutil.which('ninja')
+    if found is not None:
+        yield found
+        return
+    scripts = sysconfig.get_path('scripts')
+    saved = os.environ.get('PATH')
+    os.environ['PATH'] = os.pathsep.join(p for p in (scripts, saved) if p)
+    try:
+        yield shutil.which('ninja')
+    finally:
+        if saved is None:
+            os.environ.pop('PATH', None)
+        else:
+            os.environ['PATH'] = saved
 
 
 def find_nvcc() -> str | None:
@@ -135,9 +162,10 @@ def load_cpu_extension(verbose: bool = False) -> ModuleType:
     directory.mkdir(parents=True, exist_ok=True)
     # -march=native: the gathers and D-vector loops vectorise with the host's widest SIMD (about 2x over SSE2).
     # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without it the kernels run serially.
-    return load(name=CPU_EXTENSION, sources=[str(s) for s in CPU_SOURCES], build_directory=str(directory),
-                extra_cflags=['-O3', '-march=native', '-fopenmp', headers_flag()], extra_ldflags=['-fopenmp'],
-                verbose=verbose)
+    with ninja_on_path():
+        return load(name=CPU_EXTENSION, sources=[str(s) for s in CPU_SOURCES], build_directory=str(directory),
+                    extra_cflags=['-O3', '-march=native', '-fopenmp', headers_flag()], extra_ldflags=['-fopenmp'],
+                    verbose=verbose)
 
 
 def load_cuda_extension(archs: list[str] | None = None, verbose: bool = False) -> ModuleType:
@@ -171,11 +199,12 @@ def load_cuda_extension(archs: list[str] | None = None, verbose: bool = False) -
     if archs:
         os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
     try:
-        return cpp_extension.load(
-            name=name, sources=[str(s) for s in CUDA_SOURCES], build_directory=str(directory),
-            extra_cflags=['-O3', headers_flag(), *wheel_includes],
-            extra_cuda_cflags=['-O3', '-lineinfo', headers_flag(), *wheel_includes],
-            verbose=verbose)
+        with ninja_on_path():
+            return cpp_extension.load(
+                name=name, sources=[str(s) for s in CUDA_SOURCES], build_directory=str(directory),
+                extra_cflags=['-O3', headers_flag(), *wheel_includes],
+                extra_cuda_cflags=['-O3', '-lineinfo', headers_flag(), *wheel_includes],
+                verbose=verbose)
     finally:
         if saved_archs is None:
             os.environ.pop('TORCH_CUDA_ARCH_LIST', None)
