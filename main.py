@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from datasets.coco_eval import STAT_NAMES
 from engine import NonFiniteLossError, evaluate, log_line, train_one_epoch
 from util import dist
-from util.checkpoint import (CheckpointError, load_pretrained_caff, load_pretrained_coco, resume_from,
-                             save_checkpoint)
+from util.checkpoint import (CheckpointError, copy_checkpoint, load_pretrained_caff, load_pretrained_coco,
+                             resume_from, save_checkpoint)
 from util.config import ConfigError, load_config, parse_options
 from util.logger import setup_logger
 from util.misc import collate_fn, seed_everything
@@ -254,9 +254,9 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                 checkpoint['ema_model'] = ema.module.state_dict()
             save_checkpoint(checkpoint, last_ckpt)
             if improved:
-                save_checkpoint(checkpoint, best_ckpt)
+                copy_checkpoint(last_ckpt, best_ckpt)
             if cfg.save_checkpoint_interval > 0 and (epoch + 1) % cfg.save_checkpoint_interval == 0:
-                save_checkpoint(checkpoint, os.path.join(output_dir, f'checkpoint{epoch:04}.pth'))
+                copy_checkpoint(last_ckpt, os.path.join(output_dir, f'checkpoint{epoch:04}.pth'))
             log_line(os.path.join(output_dir, 'log.txt'),
                      {**{f'train_{k}': v for k, v in train_stats.items()},
                       **{f'test_{k}': v for k, v in stats.items()},

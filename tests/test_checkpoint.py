@@ -40,6 +40,25 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_file(tmp_path,
     assert os.listdir(tmp_path) == ['checkpoint.pth']
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    path = tmp_path / 'checkpoint.pth'
+    ckpt.save_checkpoint({'model': {}}, str(path))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_copy_checkpoint_survives_the_source_being_replaced(tmp_path):
+    last, best = str(tmp_path / 'checkpoint.pth'), str(tmp_path / 'checkpoint_best_regular.pth')
+    ckpt.save_checkpoint({'model': {'w': torch.ones(2)}, 'epoch': 0}, last)
+    ckpt.copy_checkpoint(last, best)
+    ckpt.save_checkpoint({'model': {'w': torch.zeros(2)}, 'epoch': 1}, last)
+    assert ckpt.load_checkpoint(best)['epoch'] == 0 and ckpt.load_checkpoint(last)['epoch'] == 1
+    ckpt.copy_checkpoint(last, best)
+    assert ckpt.load_checkpoint(best)['epoch'] == 1
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint.pth', 'checkpoint_best_regular.pth']
+
+
 def test_namespace_is_allowed_other_objects_need_the_unsafe_flag(tmp_path):
     ok = tmp_path / 'ref.pth'
     torch.save({'model': {'w': torch.ones(1)}, 'args': argparse.Namespace(lr=1e-4)}, ok)

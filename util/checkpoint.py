@@ -16,6 +16,7 @@ Covers what CAFF-DINO's ``main.py`` does inline for ``--resume``, ``--pretrain_m
 import argparse
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections import Counter
@@ -47,11 +48,48 @@ def save_checkpoint(obj: dict, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
         raise
+    _fsync_dir(directory)
+
+
+def copy_checkpoint(src: str, dst: str) -> None:
+    """Make ``dst`` a copy of the saved checkpoint ``src``, atomically (``dst`` is old or new, never partial).
+
+    A hard link is used where the file system allows it: ``save_checkpoint`` never writes into an existing file
+    (it renames a new one over it), so the two names stay independent and no bytes are copied.
+    """
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp_path = os.path.join(directory, f'.{os.path.basename(dst)}.{os.getpid()}.tmp')
+    if os.path.lexists(tmp_path):
+        os.unlink(tmp_path)
+    try:
+        try:
+            os.link(src, tmp_path)
+        except OSError:
+            shutil.copyfile(src, tmp_path)
+            with open(tmp_path, 'rb') as f:
+                os.fsync(f.fileno())
+        os.replace(tmp_path, dst)
+    except BaseException:
+        if os.path.lexists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    _fsync_dir(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: str) -> None:
+    """Persist a rename in ``directory`` (the entry itself, not only the file's bytes)."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
