@@ -70,6 +70,30 @@ def build_input_projections(num_channels: list[int], hidden_dim: int, num_levels
     return nn.ModuleList(projections)
 
 
+def _project(projection: nn.Sequential, x: torch.Tensor, samples: NestedTensor, stride: int) -> torch.Tensor:
+    """One level's ``Sequential(conv, GroupNorm)`` of :func:`build_input_projections`, with a clear error for the
+    input size at which torch's GroupNorm refuses to run.
+
+    torch rejects a GroupNorm whose groups hold a single value over the whole batch (``B * C / 32 * H_l * W_l ==
+    1``): batch size 1, ``hidden_dim`` 32 and a 1x1 map, i.e. an image of at most ``stride`` px on both sides at
+    that level (the stride-64 extra level for images up to 64x64). The reference has the same GroupNorm(32,
+    hidden_dim) (it uses hidden_dim 256, 8 values per group even on a 1x1 map), so this is its semantics, not a bug
+    to work around: the error names the sizes that run.
+    """
+    conv, norm = projection
+    height, width = ((size + 2 * pad - dilation * (kernel - 1) - 1) // step + 1 for size, pad, dilation, kernel, step
+                     in zip(x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+    batch, channels = x.shape[0], conv.out_channels
+    if batch * (channels // norm.num_groups) * height * width == 1:
+        raise ValueError(
+            f'CAFFDINO: a {samples.tensors.shape[-2]}x{samples.tensors.shape[-1]} input gives a 1x1 map at the '
+            f'stride-{stride} level, and GroupNorm({norm.num_groups}, hidden_dim={channels}) of the input '
+            f'projection cannot normalise one value per group at batch size 1; use images larger than '
+            f'{stride}x{stride} px (one side over {stride} px), a batch of 2 or more, or hidden_dim >= '
+            f'{2 * norm.num_groups}')
+    return projection(x)
+
+
 def _as_nested(samples) -> NestedTensor:
     if isinstance(samples, NestedTensor):
         return samples
@@ -183,11 +207,14 @@ class CAFFDINO(nn.Module):
         """One spectrum: ``(srcs, masks, pos)`` per level; srcs ``(B, hidden_dim, H_l, W_l)``, masks
         ``(B, H_l, W_l)`` True on padding, pos ``(B, hidden_dim, H_l, W_l)``."""
         features, pos = joiner(samples)
-        srcs = [proj(feature.tensors) for proj, feature in zip(input_proj, features)]
+        extra_levels = self.num_feature_levels - len(features)
+        strides = joiner.strides + [joiner.strides[-1] * 2 ** k for k in range(1, extra_levels + 1)]
+        srcs = [_project(input_proj[level], feature.tensors, samples, strides[level])
+                for level, feature in enumerate(features)]
         masks = [feature.mask for feature in features]
         for level in range(len(features), self.num_feature_levels):
             source = features[-1].tensors if level == len(features) else srcs[-1]
-            src = input_proj[level](source)
+            src = _project(input_proj[level], source, samples, strides[level])
             mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
             srcs.append(src)
             masks.append(mask)

@@ -179,6 +179,24 @@ def test_two_stream_ablations_train(tiny, fusion_type):
     assert torch.isfinite(total)
 
 
+def test_64px_image_at_batch_size_one(tiny):
+    """A 64x64 image makes the stride-64 level 1x1: the tiny config (hidden_dim 64, two values per GroupNorm
+    group) runs it; with hidden_dim 32 (one value per group, which torch refuses) the error names the sizes that
+    run, and one pixel more runs."""
+    model = build(tiny)[0].eval()
+    rgb, ir = image_pair(size=(64, 64))
+    with torch.no_grad():
+        assert model([rgb], [ir])['pred_logits'].shape == (1, tiny.num_queries, tiny.num_classes)
+    tiny.hidden_dim = 32
+    model = build(tiny)[0].eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r'64x64 input gives a 1x1 map at the stride-64 level.*'
+                                                          r'larger than 64x64 px'):
+        model([rgb], [ir])
+    rgb, ir = image_pair(size=(64, 65))
+    with torch.no_grad():
+        assert torch.isfinite(model([rgb], [ir])['pred_logits']).all()
+
+
 def test_frozen_backbones_stay_in_train_mode_as_the_reference(tiny):
     tiny.freeze_backbones = True
     model, _, _ = build(tiny)
