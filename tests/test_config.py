@@ -122,7 +122,7 @@ def test_options_override_with_type_checks(tiny_cfg):
     assert cfg.epochs == 3 and cfg.backbone_ir == 'resnet34' and cfg.data_aug_scales == [200, 216]
     assert cfg.amp is True and cfg.coco_path == '/data/llvip'
     assert load_config(path, {'backbone_ir': None, 'seed': 7}).seed == 7
-    assert tiny_cfg.lr == 2e-4  # the fixture's config is not changed by the loads above
+    assert tiny_cfg.lr == 4e-4  # the fixture's config is not changed by the loads above
     with pytest.raises(ConfigError, match=r"--options: key 'epochs' expects a int"):
         load_config(path, ['epochs=1.5'])
     with pytest.raises(ConfigError, match=r"'amp' expects a bool"):

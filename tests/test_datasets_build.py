@@ -35,16 +35,16 @@ def test_train_split_gives_normalised_tensors_and_targets(synthetic_root):
     assert target['size'].tolist() == list(rgb.shape[-2:])
     assert 0 <= target['boxes'].min() and target['boxes'].max() <= 1  # cxcywh normalised
     assert target['labels'].dtype == torch.int64 and target['image_id'].dtype == torch.int64
-    assert min(rgb.shape[-2:]) in (224, 240, 256)  # CAFF_tiny.py data_aug_scales
+    assert min(rgb.shape[-2:]) in (112, 128, 144)  # CAFF_tiny.py data_aug_scales
 
 
 def test_val_split_resizes_to_eval_size_and_batches_with_one_mask(synthetic_root):
     ds = build_dataset('val', tiny_cfg(synthetic_root))
     assert ds.annotation_file.endswith('LLVIP_test.json')
     rgb, ir, target = ds[0]
-    assert rgb.shape == ir.shape == (3, 256, 320) and target['size'].tolist() == [256, 320]
+    assert rgb.shape == ir.shape == (3, 128, 160) and target['size'].tolist() == [128, 160]
     samples_rgb, samples_ir, targets = collate_fn([ds[0], ds[1]])
-    assert samples_rgb.tensors.shape == samples_ir.tensors.shape == (2, 3, 256, 320)
+    assert samples_rgb.tensors.shape == samples_ir.tensors.shape == (2, 3, 128, 160)
     assert torch.equal(samples_rgb.mask, samples_ir.mask) and len(targets) == 2
     assert ds.coco.getImgIds() == [1, 2]
 
@@ -92,7 +92,7 @@ def test_flir_fusion_through_build_dataset(tmp_path):
          'annotations': [{'id': 1, 'image_id': 1, 'bbox': [4, 4, 16, 8], 'category_id': 2}],
          'categories': [{'id': 2, 'name': 'car'}]}))
     rgb, ir, target = build_dataset('val', tiny_cfg(tmp_path, dataset_file='flir_fusion'))[0]
-    assert rgb.shape == ir.shape == (3, 256, 341)
+    assert rgb.shape == ir.shape == (3, 128, 170)
     assert target['boxes'][0].tolist() == pytest.approx([12 / 64, 8 / 48, 16 / 64, 8 / 48], abs=1e-6)
 
 

@@ -10,18 +10,21 @@ output_dir = 'outputs/caff_tiny'
 device = 'cpu'
 num_workers = 0
 
-data_aug_scales = [224, 240, 256]
-data_aug_max_size = 400
-data_aug_scales2_resize = [200, 224, 240]
-data_aug_scales2_crop = [160, 224]
+# Half the synthetic frames' 320x256, sized so that `python main.py --demo` (200 training pairs, 12 epochs) fits
+# in 10 minutes on 2 CPU cores; it reached mAP50 0.90 (AP 0.47) on the 50 validation pairs.
+data_aug_scales = [112, 128, 144]
+data_aug_max_size = 192
+data_aug_scales2_resize = [256]  # the crop branch crops the full frame, then resizes like the other branch
+data_aug_scales2_crop = [192, 256]
 strong_aug = False
-eval_size = 256
-eval_max_size = 400
+eval_size = 128
+eval_max_size = 192
 
 batch_size = 4
-lr_drop = 10
-lr = 2e-4
-lr_backbone = 2e-4  # the backbones train too
+lr_drop = 8
+lr = 4e-4  # from scratch and tiny: 2e-4 learns about half as fast in the first epochs
+lr_backbone = 4e-4  # the backbones train too
+save_checkpoint_interval = 0  # only checkpoint.pth and checkpoint_best_regular.pth (each ~370 MB with AdamW state)
 
 num_classes = 3
 backbone = 'resnet18'
