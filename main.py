@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f'generate the synthetic data set into {DEMO_DATA} (if absent), train '
                              'config/DINO/CAFF_tiny.py on it on the CPU and evaluate')
     parser.add_argument('--options', nargs='+', metavar='KEY=VALUE', default=[],
-                        help='override config keys, e.g. --options epochs=2 lr=2e-4 caff_kernel_sizes=1,5,7')
+                        help='override config keys, e.g. --options epochs=2 lr=2e-4 caff_kernel_sizes=[1,5,7]')
     keys = parser.add_argument_group('config keys (override the config file)')
     keys.add_argument('--dataset_file', help='llvip_fusion, flir_fusion or synthetic')
     keys.add_argument('--coco_path', help='data set root directory')
@@ -107,7 +107,10 @@ def check_run_options(args: argparse.Namespace, output_dir: str) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device {name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f'device {name!r} requested but CUDA is not available; use --device cpu')
     return device

@@ -79,6 +79,8 @@ def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monke
     assert written == [str(tmp_path / 'fresh')], 'the data set is generated only when absent'
     with pytest.raises(main.UsageError, match='config file is required'):
         main.load_run_config(main.get_args_parser().parse_args([]))
+    with pytest.raises(main.UsageError, match='not a device name'):
+        main.resolve_device('gpu0')
 
 
 def test_train_eval_checkpoints_log_and_eval_reproduces(data_root, tmp_path):
