@@ -15,6 +15,10 @@ Follows CAFF-DINO's ``main.py`` (DINO's, with the fusion pretrain path). What di
   unless ``--resume`` (or ``--eval``) is given. The reference resumes from it silently and drops the pretrain flags.
 - Checkpoints are loaded weights-only and saved atomically (``util/checkpoint.py``); pretrained tensors with the
   wrong shape are skipped and reported; loading under DDP keeps every key.
+- Checkpoints hold every rank's random generator states and ``--resume`` restores them (same world size), so
+  a resumed run continues exactly as an uninterrupted one would (data order, augmentation, DN noise) when
+  ``num_workers`` is 0. With workers, the data order is still exact but the workers' augmentation streams restart
+  from seeds drawn at resume (persistent workers keep their generators in memory only).
 - User errors (bad config, missing data, unreadable checkpoint, non-finite loss) end the run with one line on
   stderr and exit status 2, instead of a traceback.
 """
@@ -31,8 +35,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from datasets.coco_eval import STAT_NAMES
 from engine import NonFiniteLossError, evaluate, log_line, train_one_epoch
 from util import dist
-from util.checkpoint import (CheckpointError, copy_checkpoint, load_pretrained_caff, load_pretrained_coco,
-                             resume_from, save_checkpoint)
+from util.checkpoint import (CheckpointError, capture_rng_state, copy_checkpoint, load_pretrained_caff,
+                             load_pretrained_coco, restore_rng_state, resume_from, save_checkpoint)
 from util.config import ConfigError, load_config, parse_options
 from util.logger import setup_logger
 from util.misc import collate_fn, seed_everything
@@ -196,12 +200,13 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
     ema = ModelEma(model, cfg.ema_decay) if cfg.use_ema else None
 
-    start_epoch, best_metric, best_epoch = 0, float('-inf'), -1
+    start_epoch, best_metric, best_epoch, rng_states = 0, float('-inf'), -1, None
     ckpt_kw = dict(allow_unsafe=args.allow_unsafe_checkpoint)
     if args.resume:
         state = resume_from(args.resume, model, None if args.eval else optimizer,
                             None if args.eval else lr_scheduler, ema, **ckpt_kw)
         start_epoch, best_metric, best_epoch = state['start_epoch'], state['best_metric'], state['best_epoch']
+        rng_states = state['rng_state']
         logger.info(f'resumed from {args.resume}: next epoch {start_epoch}, best AP {best_metric:.4f}')
     if args.pretrain_model_coco:
         logger.info(load_pretrained_coco(model, args.pretrain_model_coco, args.finetune_ignore, **ckpt_kw).summary())
@@ -229,6 +234,14 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     last_ckpt = os.path.join(output_dir, 'checkpoint.pth')
     best_ckpt = os.path.join(output_dir, 'checkpoint_best_regular.pth')
     stats: dict = {}
+    if args.resume:
+        if rng_states is not None and len(rng_states) == dist.get_world_size():
+            restore_rng_state(rng_states[dist.get_rank()], device)  # last, so that nothing above draws from it
+        else:
+            saved = 'none' if rng_states is None else f'{len(rng_states)} processes'
+            logger.warning(f'{args.resume} holds random generator states for {saved}, this run has '
+                           f'{dist.get_world_size()}: the resumed run keeps its seeded generators, so its data order '
+                           'and augmentations differ from those of an uninterrupted run')
     logger.info(f'training epochs {start_epoch}..{cfg.epochs - 1}')
     start_time = time.time()
     for epoch in range(start_epoch, cfg.epochs):
@@ -249,10 +262,11 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         improved = ap > best_metric
         if improved:
             best_metric, best_epoch = ap, epoch
+        rng_states = dist.all_gather(capture_rng_state(device))  # every rank has its own generators
         if dist.is_main_process():
             checkpoint = {'model': model_without_ddp.state_dict(), 'optimizer': optimizer.state_dict(),
                           'lr_scheduler': lr_scheduler.state_dict(), 'epoch': epoch, 'config': cfg.to_dict(),
-                          'best_metric': best_metric, 'best_epoch': best_epoch}
+                          'best_metric': best_metric, 'best_epoch': best_epoch, 'rng_state': rng_states}
             if ema is not None:
                 checkpoint['ema_model'] = ema.module.state_dict()
             save_checkpoint(checkpoint, last_ckpt)

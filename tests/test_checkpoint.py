@@ -1,7 +1,12 @@
 """util/checkpoint.py: atomic saves, weights-only loads, partial loads with a report, DDP prefixes, resume."""
 import argparse
 import os
+import random
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -38,6 +43,46 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_file(tmp_path,
     loaded = ckpt.load_checkpoint(path)
     assert loaded['epoch'] == 0 and torch.equal(loaded['model']['w'], torch.ones(2))
     assert os.listdir(tmp_path) == ['checkpoint.pth']
+
+
+def test_a_save_killed_mid_write_leaves_a_stray_that_the_next_save_removes(tmp_path):
+    path = tmp_path / 'checkpoint.pth'
+    ckpt.save_checkpoint({'model': {'w': torch.ones(2)}, 'epoch': 0}, str(path))
+    # A fresh process dies (os._exit: no cleanup runs, as with kill -9) after writing part of the next save.
+    killed_save = (
+        'import os, sys, torch\n'
+        'from util import checkpoint\n'
+        'def write_part_then_die(obj, f):\n'
+        '    f.write(b"partial"); f.flush(); os._exit(9)\n'
+        'torch.save = write_part_then_die\n'
+        'checkpoint.save_checkpoint({"epoch": 1}, sys.argv[1])\n')
+    repo = Path(__file__).resolve().parents[1]
+    rc = subprocess.run([sys.executable, '-c', killed_save, str(path)], cwd=repo).returncode
+    assert rc == 9
+    assert len(os.listdir(tmp_path)) == 2, 'the killed save should have left its temporary file'
+    assert ckpt.load_checkpoint(str(path))['epoch'] == 0
+    ckpt.save_checkpoint({'model': {'w': torch.zeros(2)}, 'epoch': 2}, str(path))
+    assert os.listdir(tmp_path) == ['checkpoint.pth']
+    assert ckpt.load_checkpoint(str(path))['epoch'] == 2
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached second Gaussian in both Python and NumPy states
+    np.random.standard_normal()
+    path = str(tmp_path / 'checkpoint.pth')
+    ckpt.save_checkpoint({'model': {}, 'rng_state': [ckpt.capture_rng_state(torch.device('cpu'))]}, path)
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    (state,) = torch.load(path, weights_only=True)['rng_state']
+    ckpt.restore_rng_state(state, torch.device('cpu'))
+    again = (random.random(), random.gauss(0, 1), np.random.rand(3), np.random.standard_normal(), torch.rand(3))
+    assert again[:2] == expected[:2] and np.array_equal(again[2], expected[2]) and again[3] == expected[3]
+    assert torch.equal(again[4], expected[4])
 
 
 def test_saved_files_get_the_usual_permissions(tmp_path):
@@ -147,7 +192,7 @@ def test_resume_restores_model_optimizer_scheduler_and_epoch(tmp_path):
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, 1)
     state = ckpt.resume_from(path, fresh, fresh_opt, fresh_sched)
-    assert state == {'start_epoch': 5, 'best_metric': 0.5, 'best_epoch': 3}
+    assert state == {'start_epoch': 5, 'best_metric': 0.5, 'best_epoch': 3, 'rng_state': None}
     assert torch.equal(fresh.backbone.weight, model.backbone.weight)
     assert fresh_sched.last_epoch == 1 and fresh_opt.param_groups[0]['lr'] == pytest.approx(1e-4)
     assert torch.equal(fresh_opt.state_dict()['state'][0]['exp_avg'], optimizer.state_dict()['state'][0]['exp_avg'])

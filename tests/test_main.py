@@ -129,6 +129,21 @@ def test_kill_9_then_resume_continues_from_last_complete_epoch(data_root, tmp_pa
     assert epochs[-1] == resumed_from + 1 and epochs.count(resumed_from + 1) == 1
 
 
+def test_one_epoch_then_resume_equals_two_epochs_in_one_go(data_root, tmp_path):
+    whole, split = tmp_path / 'whole', tmp_path / 'split'
+    assert main.main(cli(data_root, whole, options=['epochs=2'])) == 0
+    assert main.main(cli(data_root, split, options=['epochs=1'])) == 0
+    torch.manual_seed(12345)  # the resumed run must not depend on what ran before it in this process
+    assert main.main(cli(data_root, split, '--resume', str(split / 'checkpoint.pth'), options=['epochs=2'])) == 0
+    expected = load_checkpoint(str(whole / 'checkpoint.pth'))
+    resumed = load_checkpoint(str(split / 'checkpoint.pth'))
+    assert resumed['epoch'] == expected['epoch'] == 1
+    assert expected['model'].keys() == resumed['model'].keys()
+    differing = [k for k, v in expected['model'].items() if not torch.equal(v, resumed['model'][k])]
+    assert not differing, f'{len(differing)} tensors differ after resuming, e.g. {differing[:3]}'
+    assert read_log(whole)[-1]['train_loss'] == read_log(split)[-1]['train_loss']
+
+
 def test_pretrain_model_coco_fills_both_branches_equally(tmp_path):
     cfg = tiny_config()
     model, _, _ = build_model(cfg)

@@ -4,6 +4,9 @@ Covers what CAFF-DINO's ``main.py`` does inline for ``--resume``, ``--pretrain_m
 ``--pretrain_model_path`` and ``--finetune_ignore``; what differs from the reference:
 - Saves are atomic: the file is written next to its target, fsync'ed, then renamed over it, so a crash mid-save
   (kill -9, full disk) leaves the previous checkpoint intact. The reference writes in place.
+- The random number generators (Python, NumPy, torch CPU and CUDA) are saved as tensors and plain values and
+  restored by ``--resume``, so a resumed run draws the same data order, augmentations and DN noise as an
+  uninterrupted one. The reference does not save them.
 - Loads use ``torch.load(weights_only=True)`` with an allow-list (``argparse.Namespace``, which the released DINO
   and CAFF checkpoints store under ``'args'``); anything else needs ``allow_unsafe=True``
   (``--allow_unsafe_checkpoint``). The reference unpickles everything, and fails on torch >= 2.6.
@@ -17,11 +20,12 @@ import argparse
 import os
 import pickle
 import shutil
-import tempfile
+import random
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,21 +38,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit: the message names the file and what to do."""
 
 
+def _tmp_path(path: str) -> str:
+    """The one temporary name used while writing ``path``: a save killed mid-write (kill -9, power loss) leaves
+    this file behind, and the next save to ``path`` truncates and reuses it, so strays never accumulate."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.tmp')
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
     """Write ``obj`` with ``torch.save`` so that ``path`` holds either the old or the new file, never a partial one.
 
-    The bytes go to a temporary file in the same directory, are flushed and fsync'ed, and the file is renamed onto
-    ``path`` (atomic on POSIX); the directory is fsync'ed so the rename itself survives a crash.
+    The bytes go to ``.<name>.tmp`` in the same directory (left over from a killed save, it is overwritten), are
+    flushed and fsync'ed, and the file is renamed onto ``path`` (atomic on POSIX); the directory is fsync'ed so
+    the rename itself survives a crash. One writer per ``path`` at a time (the main process).
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    tmp_path = _tmp_path(path)
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp_path, 'wb') as f:  # created with 0o666 & ~umask, truncated if a killed save left it
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
@@ -61,10 +71,11 @@ def copy_checkpoint(src: str, dst: str) -> None:
     """Make ``dst`` a copy of the saved checkpoint ``src``, atomically (``dst`` is old or new, never partial).
 
     A hard link is used where the file system allows it: ``save_checkpoint`` never writes into an existing file
-    (it renames a new one over it), so the two names stay independent and no bytes are copied.
+    (it renames a new one over it), so the two names stay independent and no bytes are copied. The temporary
+    name is ``save_checkpoint``'s, so a stray left by a killed copy is removed by the next one.
     """
     directory = os.path.dirname(os.path.abspath(dst))
-    tmp_path = os.path.join(directory, f'.{os.path.basename(dst)}.{os.getpid()}.tmp')
+    tmp_path = _tmp_path(dst)
     if os.path.lexists(tmp_path):
         os.unlink(tmp_path)
     try:
@@ -80,12 +91,6 @@ def copy_checkpoint(src: str, dst: str) -> None:
             os.unlink(tmp_path)
         raise
     _fsync_dir(directory)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_dir(directory: str) -> None:
@@ -208,10 +213,10 @@ def load_pretrained_coco(model: nn.Module, path: str, ignore=(), allow_unsafe: b
     """``--pretrain_model_coco``: initialise both branches from a mono-spectral DINO checkpoint.
 
     The key mapping (``backbone.*`` -> both backbones, ``input_proj.*`` -> both projections, the rest unchanged)
-    is ``models.checkpoint_keys.map_dino_to_caff``; the fusion (``conv_corr``, ``redim_corr``) keeps its fresh
+    is ``models.map_dino_to_caff``; the fusion (``conv_corr``, ``redim_corr``) keeps its fresh
     initialisation.
     """
-    from models.checkpoint_keys import map_dino_to_caff
+    from models import map_dino_to_caff
     checkpoint = load_checkpoint(path, allow_unsafe)
     mapped = map_dino_to_caff(strip_module_prefix(checkpoint['model']))
     return load_partial_state_dict(model, mapped, ignore, source=f'--pretrain_model_coco {path}')
@@ -221,7 +226,9 @@ def resume_from(path: str, model: nn.Module, optimizer=None, lr_scheduler=None, 
                 allow_unsafe: bool = False) -> dict:
     """``--resume``: restore the model strictly and, when given, optimizer, scheduler and EMA.
 
-    Returns ``{'start_epoch', 'best_metric', 'best_epoch'}``. A model whose keys or shapes differ from the
+    Returns ``{'start_epoch', 'best_metric', 'best_epoch', 'rng_state'}``; ``rng_state`` is the checkpoint's list
+    of per-rank generator states (:func:`capture_rng_state`), or None when it has none (older checkpoints,
+    released weights); restoring them is the caller's job, right before training continues. A model whose keys or shapes differ from the
     checkpoint raises ``CheckpointError`` (resuming is not fine-tuning: use ``--pretrain_model_path`` for that).
     """
     checkpoint = load_checkpoint(path, allow_unsafe)
@@ -243,4 +250,38 @@ def resume_from(path: str, model: nn.Module, optimizer=None, lr_scheduler=None, 
         'start_epoch': int(checkpoint.get('epoch', -1)) + 1,
         'best_metric': float(checkpoint.get('best_metric', float('-inf'))),
         'best_epoch': int(checkpoint.get('best_epoch', -1)),
+        'rng_state': checkpoint.get('rng_state'),
     }
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """This process's generator states, as tensors and plain values (loadable with ``weights_only=True``).
+
+    ``{'python': {'version', 'state': int64[625], 'gauss_next'}, 'numpy': {'keys': int64[624], 'pos',
+    'has_gauss', 'cached_gaussian'}, 'torch': uint8[N], 'cuda': uint8[M] or None}``; ``'cuda'`` is the state of
+    ``device`` when it is a CUDA device.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    if kind != 'MT19937':
+        raise CheckpointError(f'numpy random generator {kind!r} cannot be saved; only MT19937 is supported')
+    return {
+        'python': {'version': version, 'state': torch.tensor(internal, dtype=torch.int64), 'gauss_next': gauss_next},
+        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
+                  'cached_gaussian': float(cached_gaussian)},
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
+    }
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """Set this process's generators to ``state`` (from :func:`capture_rng_state`); the CUDA state is set only
+    when both it and ``device`` are CUDA (a CPU run resumed on a GPU keeps the seeded CUDA generator)."""
+    python = state['python']
+    random.setstate((python['version'], tuple(python['state'].tolist()), python['gauss_next']))
+    numpy_state = state['numpy']
+    np.random.set_state(('MT19937', numpy_state['keys'].numpy().astype(np.uint32), numpy_state['pos'],
+                         numpy_state['has_gauss'], numpy_state['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if state.get('cuda') is not None and device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
