@@ -228,8 +228,9 @@ def resume_from(path: str, model: nn.Module, optimizer=None, lr_scheduler=None, 
 
     Returns ``{'start_epoch', 'best_metric', 'best_epoch', 'rng_state'}``; ``rng_state`` is the checkpoint's list
     of per-rank generator states (:func:`capture_rng_state`), or None when it has none (older checkpoints,
-    released weights); restoring them is the caller's job, right before training continues. A model whose keys or shapes differ from the
-    checkpoint raises ``CheckpointError`` (resuming is not fine-tuning: use ``--pretrain_model_path`` for that).
+    released weights); restoring them is the caller's job, right before training continues. A model whose keys or
+    shapes differ from the checkpoint raises ``CheckpointError`` (resuming is not fine-tuning: use
+    ``--pretrain_model_path`` for that).
     """
     checkpoint = load_checkpoint(path, allow_unsafe)
     state = strip_module_prefix(checkpoint['model'])
