@@ -17,10 +17,11 @@ Covers what CAFF-DINO's ``main.py`` does inline for ``--resume``, ``--pretrain_m
 - A summary of loaded / newly initialised / skipped / ignored keys is returned (``LoadReport``) and logged.
 """
 import argparse
+import contextlib
 import os
 import pickle
-import shutil
 import random
+import shutil
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,20 +52,11 @@ def save_checkpoint(obj: dict, path: str) -> None:
     flushed and fsync'ed, and the file is renamed onto ``path`` (atomic on POSIX); the directory is fsync'ed so
     the rename itself survives a crash. One writer per ``path`` at a time (the main process).
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp_path = _tmp_path(path)
-    try:
+    with _atomic_write(path) as tmp_path:
         with open(tmp_path, 'wb') as f:  # created with 0o666 & ~umask, truncated if a killed save left it
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    _fsync_dir(directory)
 
 
 def copy_checkpoint(src: str, dst: str) -> None:
@@ -74,18 +66,29 @@ def copy_checkpoint(src: str, dst: str) -> None:
     (it renames a new one over it), so the two names stay independent and no bytes are copied. The temporary
     name is ``save_checkpoint``'s, so a stray left by a killed copy is removed by the next one.
     """
-    directory = os.path.dirname(os.path.abspath(dst))
-    tmp_path = _tmp_path(dst)
-    if os.path.lexists(tmp_path):
-        os.unlink(tmp_path)
-    try:
+    with _atomic_write(dst) as tmp_path:
+        if os.path.lexists(tmp_path):
+            os.unlink(tmp_path)
         try:
             os.link(src, tmp_path)
         except OSError:
             shutil.copyfile(src, tmp_path)
             with open(tmp_path, 'rb') as f:
                 os.fsync(f.fileno())
-        os.replace(tmp_path, dst)
+
+
+@contextlib.contextmanager
+def _atomic_write(path: str):
+    """Yield the temporary name to fill for ``path``; then rename it onto ``path`` and fsync the directory.
+
+    On any error (or interrupt) the temporary file is removed and ``path`` keeps its old content.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp_path = _tmp_path(path)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
     except BaseException:
         if os.path.lexists(tmp_path):
             os.unlink(tmp_path)
