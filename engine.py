@@ -22,6 +22,7 @@ from torch import nn
 
 from datasets.coco_eval import CocoEvaluator
 from util import dist
+from util.errors import UserError
 from util.metric_logger import MetricLogger, SmoothedValue
 
 logger = logging.getLogger('caff_dino')
@@ -29,7 +30,7 @@ logger = logging.getLogger('caff_dino')
 MAIN_TERMS = ('loss_ce', 'loss_bbox', 'loss_giou')
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite; the message names the step and the loss terms."""
 
 

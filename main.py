@@ -35,9 +35,11 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 from datasets.coco_eval import STAT_NAMES
 from engine import NonFiniteLossError, evaluate, log_line, train_one_epoch
 from util import dist
-from util.checkpoint import (CheckpointError, capture_rng_state, copy_checkpoint, load_pretrained_caff,
+from util.checkpoint import (capture_rng_state, copy_checkpoint, load_pretrained_caff,
                              load_pretrained_coco, restore_rng_state, resume_from, save_checkpoint)
-from util.config import ConfigError, load_config, parse_options
+from util.config import load_config, parse_options
+from util.device import resolve_device
+from util.errors import DataError, UsageError, UserError, report_user_error
 from util.logger import setup_logger
 from util.misc import collate_fn, seed_everything
 from util.optim import ModelEma, param_groups
@@ -49,10 +51,6 @@ DEMO_CONFIG = os.path.join(REPO_ROOT, 'config', 'DINO', 'CAFF_tiny.py')
 DEMO_DATA = 'data/synthetic_llvip'
 
 logger = logging.getLogger('caff_dino')
-
-
-class UsageError(ValueError):
-    """A command line that cannot run as given (conflicting flags, occupied output dir)."""
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -106,22 +104,6 @@ def check_run_options(args: argparse.Namespace, output_dir: str) -> None:
     if os.path.exists(last) and not args.resume and not args.eval:
         raise UsageError(f'output dir {output_dir!r} already holds checkpoint.pth: continue with --resume {last}, '
                          'or choose a fresh --output_dir')
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"device {name!r} is not a device name; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise UsageError(f'device {name!r} requested but CUDA is not available; use --device cpu')
-    return device
-
-
-class DataError(ValueError):
-    """The data set named by the config cannot be read (wrong dataset_file, missing folder or file, bad JSON)."""
 
 
 def make_loaders(cfg, distributed: bool):
@@ -294,16 +276,12 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     return model_without_ddp, stats
 
 
-USER_ERRORS = (ConfigError, CheckpointError, UsageError, DataError, NonFiniteLossError)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report_user_error(e)
     finally:
         if dist.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

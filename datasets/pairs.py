@@ -6,7 +6,7 @@ crowd and degenerate boxes are dropped from the training target; `category_id` i
 index into a `num_classes`-wide head.
 
 What differs from the reference:
-- Images are returned by name, `(rgb, ir, target)`. The reference swaps them inside `prepare` (SPEC section 0);
+- Images are returned by name, `(rgb, ir, target)`. The reference swaps them inside `prepare` (docs/REFERENCE.md §0);
   here the model's routing (`query_modality`) decides which image takes which role.
 - Community JSON quirks are normalised instead of crashing: string image ids (mapped to ints, mapping kept in
   `image_id_map`), 0-based ids, int boxes, boxes partly outside the image (clipped), zero-area boxes (dropped
@@ -30,6 +30,8 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from util.errors import DataError
+
 logger = logging.getLogger('caff_dino.datasets')
 
 PairNames = Callable[[dict], tuple[str, str]]
@@ -39,7 +41,7 @@ REQUIRED_IMAGE_KEYS = ('id',)
 REQUIRED_ANNOTATION_KEYS = ('image_id', 'bbox', 'category_id')
 
 
-class BadPairError(RuntimeError):
+class BadPairError(DataError):
     """An image pair that cannot be used: a file is missing or unreadable, or the two sizes differ."""
 
 

@@ -1,6 +1,6 @@
 """CAFF-DINO: DINO with one backbone per spectrum and CAFF fusion of the two streams at every feature level.
 
-Follows ``DINO`` of CAFF-DETR (``CAFF-DINO/models/dino/dino.py``; SPEC.md §0-2), itself IDEA-Research/DINO's
+Follows ``DINO`` of CAFF-DETR (``CAFF-DINO/models/dino/dino.py``; docs/REFERENCE.md §0-2), itself IDEA-Research/DINO's
 ``DINO`` with a second backbone. With the default arguments it computes what the reference computes, so released
 DINO / CAFF-DINO weights load by name (parameter names and state-dict order are the reference's) and give the
 reference's outputs. The data flow::
@@ -11,12 +11,12 @@ reference's outputs. The data flow::
       -> DeformableTransformer(srcs, masks_q | masks_kv, pos, DN queries)
       -> shared class_embed / bbox_embed on every decoder layer (iterative refinement) -> outputs
 
-Modality routing (SPEC §0). The reference's data pipeline swaps its images, so in every released checkpoint the
-*thermal* image runs through ``backbone_visible``/``input_proj``, is CAFF's query side and supplies the
-transformer's position encodings, while the *RGB* image runs through ``backbone_ir``/``input_proj_ir`` and is the
-key/value side. The parameter names ``*_visible``/``*_ir`` are kept so weights load; what they see is set by
-``query_modality``: ``'ir'`` (default, the reference) or ``'rgb'`` (the naming taken literally). Callers always
-pass the images by name: ``forward(samples_rgb, samples_ir)``.
+Modality routing (docs/REFERENCE.md §0). The reference's data pipeline swaps its images, so in every released
+checkpoint the *thermal* image runs through ``backbone_visible``/``input_proj``, is CAFF's query side and supplies
+the transformer's position encodings, while the *RGB* image runs through ``backbone_ir``/``input_proj_ir`` and is
+the key/value side. The parameter names ``*_visible``/``*_ir`` are kept so weights load; what they see is set by
+``query_modality``: ``'ir'`` (default, the reference) or ``'rgb'`` (the naming taken literally). Callers always pass
+the images by name: ``forward(samples_rgb, samples_ir)``.
 
 Differences from the reference, none of which changes its outputs where it runs:
 

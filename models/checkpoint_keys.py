@@ -1,6 +1,6 @@
 """State-dict key mapping from a mono-spectral DINO checkpoint to CAFF-DINO (``--pretrain_model_coco``).
 
-Follows CAFF-DETR ``main.py`` (``--pretrain_model_coco``) and SPEC.md §3, written as a declarative rule table
+Follows CAFF-DETR ``main.py`` (``--pretrain_model_coco``) and docs/REFERENCE.md §3, written as a declarative rule table
 instead of inline string tests. The first rule whose prefix matches a source key decides its CAFF names:
 
 =====================  ==========================================  ==========================================

@@ -1,8 +1,8 @@
 """Fusion of the two spectral streams, per feature level: CAFF cross-spectrum attention and its ablations.
 
 Follows ``CrossSpectrumAttentionWithPosition`` and the fusion loop of ``DINO.forward`` in CAFF-DETR
-(``CAFF-DINO/models/dino/dino.py``; SPEC.md §1). With the default arguments the computation is the reference's,
-operation for operation, so released CAFF-DINO weights give the reference's features.
+(``CAFF-DINO/models/dino/dino.py``; docs/REFERENCE.md §1). With the default arguments the computation is the
+reference's, operation for operation, so released CAFF-DINO weights give the reference's features.
 
 Structure. The top model owns two ``nn.ModuleList``s with the reference names, one entry per feature level:
 ``conv_corr`` (the attention modules, :class:`CrossSpectrumAttention`) and ``redim_corr`` (the 1x1 conv +

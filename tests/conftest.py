@@ -8,7 +8,7 @@ import torch
 from util.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = REPO_ROOT.parent / 'shared' / 'reference' / 'manifests'
+MANIFESTS = REPO_ROOT / 'tests' / 'data' / 'reference_manifests'
 
 
 @pytest.fixture(scope='session')
@@ -37,17 +37,15 @@ def write_file(tmp_path):
 
 @pytest.fixture(scope='session')
 def reference_manifest():
-    """reference_manifest('name.json', prefix='') -> the JSON of ../shared/reference/manifests/name.json.
+    """reference_manifest('name.json', prefix='') -> the JSON of tests/data/reference_manifests/name.json.
 
     With a prefix, only the keys under it, prefix cut off, in file order (a state-dict manifest maps key -> shape).
-    Skips the test when the file is not there (the manifests live outside the repository).
+    The manifests are the reference models' state-dict key -> shape tables (data, copied into the repository), so
+    no test skips for lack of them.
     """
 
     def load(name: str, prefix: str = '') -> dict:
-        path = MANIFESTS / name
-        if not path.exists():
-            pytest.skip(f'reference manifest {path} not available')
-        manifest = json.loads(path.read_text())
+        manifest = json.loads((MANIFESTS / name).read_text())
         return {key[len(prefix):]: value for key, value in manifest.items() if key.startswith(prefix)}
 
     return load

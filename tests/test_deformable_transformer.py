@@ -61,7 +61,7 @@ def test_state_dict_matches_reference_manifest(reference_manifest, manifest, lev
         attach_dino_heads(transformer, num_classes=91)
     got = [(k, list(v.shape)) for k, v in transformer.state_dict(keep_vars=True).items()]
     assert got == expected
-    # parameter total of the reference transformer with its heads (SPEC §10), shared heads counted once
+    # parameter total of the reference transformer with its heads (docs/REFERENCE.md §10), shared heads counted once
     assert sum(p.numel() for p in transformer.parameters()) == {4: 17_775_550, 5: 18_071_870}[levels]
 
 

@@ -21,7 +21,7 @@ def reference_pe(channels, height, width):
 
 
 def reference_caff(module, x1, x2):
-    """Straightforward re-derivation of the reference forward (SPEC §1) from the module's raw weights."""
+    """Straightforward re-derivation of the reference forward (docs/REFERENCE.md §1) from the module's raw weights."""
     channels, height, width = x1.shape[1:]
     pos = reference_pe(channels, height, width) + reference_pe(channels, height, width)
     names = ['attention_stages_k1', 'attention_stages_k3', 'attention_stages_k7']

@@ -6,7 +6,7 @@ from tools.profile_fusion import count_flops, markdown_table, time_parts
 
 
 def caff_level_macs(channels, height, width, kernels=(1, 5, 7), stages=2, proj=64):
-    """Multiply-adds of one CAFF level (maps at least as large as every kernel), from SPEC §1."""
+    """Multiply-adds of one CAFF level (maps at least as large as every kernel), from docs/REFERENCE.md §1."""
     per_stage = 3 * channels * channels * height * width  # compression 3C -> C
     for k in kernels:
         h, w = height - k + 1, width - k + 1

@@ -44,9 +44,10 @@ import torch
 from datasets.coco_eval import CocoEvaluator
 from datasets.pairs import BadPairError, boxes_to_target, coco_from_dict, read_image
 from datasets.transforms import make_eval_transforms
-from main import UsageError, resolve_device
 from util.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
-from util.config import ConfigError, config_from_dict, load_config, parse_options
+from util.config import config_from_dict, load_config, parse_options
+from util.device import resolve_device
+from util.errors import UserError, report_user_error
 from util.misc import collate_fn
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -56,7 +57,7 @@ CLASS_COLOURS = ((255, 64, 64), (255, 160, 0), (0, 160, 255), (255, 0, 255), (25
                  (0, 255, 255), (255, 120, 180))
 
 
-class PredictError(ValueError):
+class PredictError(UserError, ValueError):
     """An input that cannot be predicted on (bad arguments, missing partner, empty folder)."""
 
 
@@ -331,9 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
-    except (PredictError, CheckpointError, ConfigError, BadPairError, UsageError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report_user_error(e)
     return 0
 
 

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from util.errors import UserError
+
 # Types a checkpoint may contain beyond tensors and containers of plain values. The reference checkpoints hold
 # their run arguments as an argparse.Namespace.
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit: the message names the file and what to do."""
 
 

@@ -33,10 +33,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from addict import Dict
 from yapf.yapflib.yapf_api import FormatCode
 
+from util.errors import UserError
+
 KNOWN_KEYS_FILE = Path(__file__).resolve().parents[1] / 'config' / 'DINO' / 'DINO_4scale.py'
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or option that cannot be loaded: unknown key, wrong type, bad `_base_`, bad syntax."""
 
 

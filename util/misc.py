@@ -2,7 +2,8 @@
 
 Follows DETR's util/misc.py (NestedTensor: a padded batch plus its padding mask). What differs: `collate_fn`
 takes (rgb, ir, target) triples and pads the two modalities to one shared size with one shared mask, where the
-CAFF-DETR reference padded RGB in the collate and left IR as an unpadded tuple for the model to pad (SPEC §6.6).
+CAFF-DETR reference padded RGB in the collate and left IR as an unpadded tuple for the model to pad
+(docs/REFERENCE.md §6.6).
 """
 import random
 from typing import Optional, Sequence
