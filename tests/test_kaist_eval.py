@@ -17,7 +17,7 @@ def person(image_id, x, y, w, h, **extra):
     return {'image_id': image_id, 'bbox': [x, y, w, h], 'category_id': 1, 'iscrowd': 0, 'area': w * h, **extra}
 
 
-def ground_truth(annotations, images=((1, 'day'), (2, 'night'))) -> 'COCO':
+def ground_truth(annotations, images=((1, 'day'), (2, 'night'))):
     dataset = {'images': [{'id': i, 'width': W, 'height': H, 'file_name': f'{i}.jpg', 'time_of_day': t}
                           for i, t in images],
                'annotations': [dict(a, id=n) for n, a in enumerate(annotations, start=1)],
