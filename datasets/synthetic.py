@@ -122,6 +122,16 @@ def _place(rng: np.random.Generator, w: int, h: int, width: int, height: int, ta
     return None
 
 
+def _claim(rng: np.random.Generator, w: int, h: int, width: int, height: int, taken: list) -> tuple[int, int] | None:
+    """Top-left corner of a w x h box that fits the frame and keeps clear of ``taken`` (then added to it), or None."""
+    if w > width or h > height:
+        return None
+    corner = _place(rng, w, h, width, height, taken)
+    if corner is not None:
+        taken.append((*corner, w, h))
+    return corner
+
+
 def _paint(image: np.ndarray, x: int, y: int, mask: np.ndarray, value) -> None:
     region = image[y:y + mask.shape[0], x:x + mask.shape[1]]
     region[mask] = value
@@ -142,13 +152,10 @@ def render_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.n
         else:
             w = int(rng.integers(45, 91))
             h = int(round(0.5 * w))
-        if w > width or h > height:
-            continue
-        corner = _place(rng, w, h, width, height, taken)
+        corner = _claim(rng, w, h, width, height, taken)
         if corner is None:
             continue
         x, y = corner
-        taken.append((x, y, w, h))
         if category == 1:
             head, body = _person_parts(w, h)
             parts_rgb = [(head, PERSON_SKIN), (body, PERSON_CLOTHES[int(rng.integers(len(PERSON_CLOTHES)))])]
@@ -268,13 +275,10 @@ def render_kaist_pair(rng: np.random.Generator, width: int, height: int,
         w = max(x + fw for x, fw, _ in figures)
         wheel = max(6, h // 4) if label == 'cyclist' else 0
         box_w, box_h = max(w, 2 * wheel + 4), h + wheel // 2
-        if box_w > width or box_h > height:
-            continue
-        corner = _place(rng, box_w, box_h, width, height, taken)
+        corner = _claim(rng, box_w, box_h, width, height, taken)
         if corner is None:
             continue
         x, y = corner
-        taken.append((x, y, box_w, box_h))
         faint = label == 'person?'
         clothes = np.asarray(PERSON_CLOTHES[int(rng.integers(len(PERSON_CLOTHES)))], dtype=np.float32)
         skin = np.asarray(PERSON_SKIN, dtype=np.float32)
