@@ -307,7 +307,10 @@ def test_generic_yolo_with_suffixes_and_background_images(tmp_path, capsys):
     assert run_cli('generic', '--rgb-dir', src / 'rgb', '--ir-dir', src / 'ir', '--labels', src / 'labels',
                    '--format', 'yolo', '--classes', 'person', 'car', '--rgb-suffix', '_rgb', '--ir-suffix', '_ir',
                    '--val-ratio', '0', '--out', out) == 0
-    assert 'pairs without a label file (kept without boxes): 1' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'pairs without a label file (kept without boxes): 1' in printed
+    assert 'val: no pairs, no annotation file written' in printed
+    assert not (out / 'coco_annotations' / 'val.json').exists()
     train = json.loads((out / 'coco_annotations' / 'train.json').read_text())
     assert [im['file_name'] for im in train['images']] == ['a.jpg', 'b.jpg', 'c.jpg']
     assert [(a['image_id'], a['category_id'], a['bbox']) for a in train['annotations']] == [

@@ -15,7 +15,8 @@ Rules every converter follows:
 - Idempotent: the same source and options give byte-identical JSON and report files, and files already in
   place are not rewritten (a copy whose size and modification time match its source, the same hard link, the
   same symlink target). A second run reports everything as up to date.
-- Deterministic: pairs are written in name order, annotation ids run 1..M per split in that order.
+- Deterministic: pairs are written in name order, annotation ids run 1..M per split in that order. A split
+  without pairs gets no annotation file (the report says so).
 - ``category_id`` is the class index of the head (``num_classes`` > the largest id); the report states the
   mapping. Boxes of unmapped classes or without area are dropped from the file and counted per reason.
 """
@@ -90,7 +91,7 @@ class Report:
     skipped: list = field(default_factory=list)  # [entry, reason]
     dropped_boxes: dict = field(default_factory=dict)  # reason -> {'count', 'examples'}
     notes: dict = field(default_factory=dict)  # what else is worth knowing -> count
-    annotation_files: dict = field(default_factory=dict)  # split -> path
+    annotation_files: dict = field(default_factory=dict)  # split -> path (splits without pairs have none)
     files_written: int = 0
     files_up_to_date: int = 0
     annotations_written: list = field(default_factory=list)
@@ -111,6 +112,8 @@ class Report:
         for split, counts in self.splits.items():
             boxes = ', '.join(f'{name} {n}' for name, n in counts['boxes'].items()) or 'none'
             line = f'  {split}: {counts["pairs"]} pairs; boxes: {boxes}'
+            if not counts['pairs']:
+                line = f'  {split}: no pairs, no annotation file written'
             if counts['ignored']:
                 reasons = ', '.join(f'{reason} {n}' for reason, n in counts['ignored'].items())
                 line += f'; ignore regions: {sum(counts["ignored"].values())} ({reasons})'
@@ -293,32 +296,11 @@ class Conversion:
         return {'id': pair.image_id, **names, 'width': pair.width, 'height': pair.height, **pair.extra}
 
     def write(self) -> Report:
-        """Write the images, one annotation file per split and conversion_report.json; return the report."""
+        """Write the images, one annotation file per split that has pairs, and conversion_report.json."""
         pairs = self._unique_pairs()
         report = self.report
-        names = {c['id']: c['name'] for c in self.categories}
         for split in SPLITS:
-            folder = self.layout.folder(split)
-            images, annotations, boxes = [], [], Counter()
-            for pair in (p for p in pairs if p.split == split):
-                for src, directory, name in ((pair.rgb, self.layout.rgb_dir, pair.rgb_name),
-                                             (pair.ir, self.layout.ir_dir, pair.ir_name)):
-                    dst = os.path.join(self.out_dir, directory.format(folder=folder), name)
-                    if place_file(src, dst, self.mode):
-                        report.files_written += 1
-                    else:
-                        report.files_up_to_date += 1
-                images.append(self._image_entry(pair))
-                for ann in pair.annotations:
-                    annotations.append({**ann, 'id': len(annotations) + 1, 'image_id': pair.image_id})
-                    boxes[ann.get('label', names[ann['category_id']])] += 1
-            path = os.path.join(self.out_dir, self.layout.annotation_file.format(split=split))
-            coco = {'images': images, 'annotations': annotations, 'categories': self.categories}
-            if write_if_changed(path, json.dumps(coco, indent=1, sort_keys=True) + '\n'):
-                report.annotations_written.append(path)
-            report.annotation_files[split] = path
-            report.splits[split] = {'pairs': len(images), 'boxes': dict(sorted(boxes.items())),
-                                    'ignored': dict(sorted(self._ignored[split].items()))}
+            self._write_split(split, [p for p in pairs if p.split == split])
         report.skipped.sort()
         report.notes = dict(sorted(self._notes.items()))
         report.dropped_boxes = {reason: {'count': len(entries), 'examples': sorted(set(entries))[:EXAMPLES]}
@@ -326,6 +308,32 @@ class Conversion:
         write_if_changed(os.path.join(self.out_dir, REPORT_FILE),
                          json.dumps(report.to_dict(), indent=1, sort_keys=True) + '\n')
         return report
+
+    def _write_split(self, split: str, pairs: list[Pair]) -> None:
+        """Place the images of one split and write its annotation file (none for a split without pairs)."""
+        report, folder = self.report, self.layout.folder(split)
+        names = {c['id']: c['name'] for c in self.categories}
+        images, annotations, boxes = [], [], Counter()
+        for pair in pairs:
+            for src, directory, name in ((pair.rgb, self.layout.rgb_dir, pair.rgb_name),
+                                         (pair.ir, self.layout.ir_dir, pair.ir_name)):
+                if place_file(src, os.path.join(self.out_dir, directory.format(folder=folder), name), self.mode):
+                    report.files_written += 1
+                else:
+                    report.files_up_to_date += 1
+            images.append(self._image_entry(pair))
+            for ann in pair.annotations:
+                annotations.append({**ann, 'id': len(annotations) + 1, 'image_id': pair.image_id})
+                boxes[ann.get('label', names[ann['category_id']])] += 1
+        report.splits[split] = {'pairs': len(images), 'boxes': dict(sorted(boxes.items())),
+                                'ignored': dict(sorted(self._ignored[split].items()))}
+        if not images:
+            return
+        path = os.path.join(self.out_dir, self.layout.annotation_file.format(split=split))
+        coco = {'images': images, 'annotations': annotations, 'categories': self.categories}
+        if write_if_changed(path, json.dumps(coco, indent=1, sort_keys=True) + '\n'):
+            report.annotations_written.append(path)
+        report.annotation_files[split] = path
 
 
 def categories_from_map(label_map: dict[str, int]) -> list[dict]:
