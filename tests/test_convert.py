@@ -10,7 +10,8 @@ import pytest
 
 from datasets import build_dataset
 from tools import convert
-from tools.converters.common import place_file, seeded_split
+from tools.converters.common import seeded_split
+from tools.converters.files import place_file
 from tools.converters.kaist import frame_name, read_bbgt, read_kaist_xml
 from tools.converters.labels import LabelFileError, read_voc, read_yolo
 from util.config import load_config

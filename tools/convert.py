@@ -20,7 +20,7 @@ if __package__ in (None, ''):  # run as ``python tools/convert.py``: make the re
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.converters import flir, generic, kaist, m3fd
-from tools.converters.common import MODES
+from tools.converters.files import MODES
 from util.errors import DataError, UserError, report_user_error
 
 

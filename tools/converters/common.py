@@ -1,4 +1,4 @@
-"""What every converter shares: pairing checks, idempotent writing of images and COCO JSON, splits, the report.
+"""What every converter shares: the output layouts, pairing checks, splits, label maps, and the writing step.
 
 A converter reads its source format and hands a :class:`Conversion` one :class:`Pair` per image pair (or a skip
 with its reason); ``Conversion.write()`` then writes one of the two output layouts that ``datasets/layouts.py``
@@ -22,17 +22,16 @@ Rules every converter follows:
 """
 import json
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import PIL.Image
 
+from tools.converters.files import MODES, image_size, place_file, write_if_changed
+from tools.converters.report import Report
 from util.errors import DataError, UsageError
 
 SPLITS = ('train', 'val')
-MODES = ('copy', 'hardlink', 'symlink')
 REPORT_FILE = 'conversion_report.json'
 EXAMPLES = 5
 
@@ -78,101 +77,6 @@ class Pair:
     extra: dict = field(default_factory=dict)
 
 
-@dataclass
-class Report:
-    """What a conversion wrote and refused. ``to_dict()`` is deterministic (written as conversion_report.json)."""
-    command: str
-    source: str
-    out_dir: str
-    layout: str
-    dataset_file: str
-    categories: list[dict]
-    splits: dict = field(default_factory=dict)  # split -> {'pairs', 'boxes': {class: n}, 'ignored': {reason: n}}
-    skipped: list = field(default_factory=list)  # [entry, reason]
-    dropped_boxes: dict = field(default_factory=dict)  # reason -> {'count', 'examples'}
-    notes: dict = field(default_factory=dict)  # what else is worth knowing -> count
-    annotation_files: dict = field(default_factory=dict)  # split -> path (splits without pairs have none)
-    files_written: int = 0
-    files_up_to_date: int = 0
-    annotations_written: list = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {'command': self.command, 'source': self.source, 'layout': self.layout,
-                'dataset_file': self.dataset_file, 'categories': self.categories, 'splits': self.splits,
-                'skipped': self.skipped, 'dropped_boxes': self.dropped_boxes, 'notes': self.notes,
-                'annotation_files': self.annotation_files}
-
-    def text(self) -> str:
-        """The printed report: pairs and boxes per split and class, skipped entries, dropped boxes, files."""
-        lines = [f'{self.command}: {self.source} -> {self.out_dir} ({self.layout} layout; '
-                 f'use --dataset_file {self.dataset_file} --coco_path {self.out_dir})']
-        mapping = ', '.join(f'{c["name"]} {c["id"]}' for c in self.categories)
-        top = max((c['id'] for c in self.categories), default=0)
-        lines.append(f'  category ids: {mapping} (num_classes must be > {top}; the released 91-wide heads fit)')
-        for split, counts in self.splits.items():
-            boxes = ', '.join(f'{name} {n}' for name, n in counts['boxes'].items()) or 'none'
-            line = f'  {split}: {counts["pairs"]} pairs; boxes: {boxes}'
-            if not counts['pairs']:
-                line = f'  {split}: no pairs, no annotation file written'
-            if counts['ignored']:
-                reasons = ', '.join(f'{reason} {n}' for reason, n in counts['ignored'].items())
-                line += f'; ignore regions: {sum(counts["ignored"].values())} ({reasons})'
-            lines.append(line)
-        if self.skipped:
-            lines.append(f'  skipped {len(self.skipped)} entries:')
-            lines += [f'    {entry}: {reason}' for entry, reason in self.skipped]
-        for reason, dropped in self.dropped_boxes.items():
-            lines.append(f'  dropped {dropped["count"]} boxes ({reason}), e.g. in {", ".join(dropped["examples"])}')
-        lines += [f'  {note}: {count}' for note, count in self.notes.items()]
-        written = ', '.join(self.annotations_written) or 'none (all up to date)'
-        lines.append(f'  image files: {self.files_written} written, {self.files_up_to_date} up to date; '
-                     f'annotation files written: {written}')
-        return '\n'.join(lines)
-
-
-def place_file(src: str, dst: str, mode: str) -> bool:
-    """Put ``src`` at ``dst`` by copy, hard link or symlink; False (nothing done) when it is there already."""
-    if os.path.abspath(src) == os.path.abspath(dst):
-        raise UsageError(f'{dst}: the output would overwrite its own source; choose another output folder')
-    if mode == 'symlink':
-        if os.path.islink(dst) and os.readlink(dst) == os.path.abspath(src):
-            return False
-    elif os.path.isfile(dst) and not os.path.islink(dst):
-        if mode == 'hardlink' and os.path.samefile(src, dst):
-            return False
-        source, target = os.stat(src), os.stat(dst)
-        if mode == 'copy' and source.st_size == target.st_size and abs(source.st_mtime_ns - target.st_mtime_ns) < 1e6:
-            return False
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    temporary = f'{dst}.converting'
-    if os.path.lexists(temporary):
-        os.remove(temporary)
-    try:
-        if mode == 'copy':
-            shutil.copy2(src, temporary)
-        elif mode == 'hardlink':
-            os.link(src, temporary)
-        else:
-            os.symlink(os.path.abspath(src), temporary)
-    except OSError as err:
-        raise UsageError(f'{dst}: cannot {mode} {src} ({err.strerror}); try --mode copy') from None
-    os.replace(temporary, dst)
-    return True
-
-
-def write_if_changed(path: str, text: str) -> bool:
-    """Write ``text`` to ``path`` atomically unless the file already holds exactly it; True when written."""
-    if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            if f.read() == text:
-                return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f'{path}.converting', 'w', encoding='utf-8') as f:
-        f.write(text)
-    os.replace(f'{path}.converting', path)
-    return True
-
-
 def read_name_list(path: str) -> list[str]:
     """The non-empty lines of a split list (``#`` comments and surrounding blanks removed), in file order."""
     if not os.path.isfile(path):
@@ -207,12 +111,6 @@ def load_label_map(path: str | None, default: dict[str, int]) -> dict[str, int]:
             isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in mapping.values()):
         raise UsageError(f'{path}: the label map must be a JSON object of class name -> integer id >= 0')
     return {str(k): v for k, v in mapping.items()}
-
-
-def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the image header; OSError-like failures propagate."""
-    with PIL.Image.open(path) as image:
-        return image.size
 
 
 class Conversion:
