@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from pycocotools.coco import COCO
 
-FPPI_POINTS = 10.0 ** np.arange(-2.0, 0.0001, 0.25)  # the 9 points 1e-2 ... 1e0
+FPPI_POINTS = 10.0 ** (np.arange(9) / 4 - 2)  # the 9 points 10^(-2:0.25:0), exponents exact: 1e-2 ... 1e0
 IOU_THRESHOLD = 0.5
 MISS_RATE_FLOOR = 1e-10
 SUBSET_FIELD = 'time_of_day'

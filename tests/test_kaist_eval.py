@@ -68,6 +68,7 @@ MIX_DETECTIONS = {
 
 def test_the_fppi_points_are_the_nine_of_the_definition():
     assert np.allclose(FPPI_POINTS, [10 ** (-2 + i / 4) for i in range(9)])
+    assert (FPPI_POINTS[0], FPPI_POINTS[4], FPPI_POINTS[8]) == (0.01, 0.1, 1.0)  # an FPPI of exactly 1 is at point 9
 
 
 def test_perfect_detector_scores_zero():
