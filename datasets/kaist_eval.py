@@ -21,9 +21,10 @@ Not in the reference (CAFF-DINO reports COCO AP only). Written from the benchmar
 - Subsets: ``all`` and one per value of the image field ``time_of_day`` (``day``, ``night``); FPPI divides by
   the subset's image count. Only images that received predictions (every evaluated image) count.
 
-Differences from MLPD's ``evaluation_script.py`` (measured in README.md): no cap of 1000 detections per image
-(the model keeps ``num_select`` anyway), the 1e-10 floor, and a miss rate of 1 where no operating point lies
-below an FPPI point (MLPD's index -1 then reads the last point's recall).
+Differences from MLPD's ``evaluation_script.py`` (measured in README.md: the same curves; all / night equal, day
+within 0.014 points on its published detections): exact FPPI points (MLPD rounds them to 4 decimals, 0.0316 for
+0.031623), the 1e-10 floor, a miss rate of 1 where no operating point lies below an FPPI point (MLPD's index -1
+then reads the last point's recall), and no cap of 1000 detections per image (the model keeps ``num_select``).
 """
 import math
 from dataclasses import dataclass
