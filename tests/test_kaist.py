@@ -73,7 +73,7 @@ def write_release(synthetic: Path, release: Path) -> None:
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp('kaist')
-    generate_synthetic_kaist(str(base / 'synthetic'), num_train=6, num_val=8, seed=1, width=192, height=160)
+    generate_synthetic_kaist(str(base / 'synthetic'), num_train=4, num_val=6, seed=3, width=192, height=160)
     write_release(base / 'synthetic', base / 'release')
     release = base / 'release'
     assert convert.main(['kaist', '--root', str(release), '--train-list', str(release / 'imageSets/train-all-02.txt'),
