@@ -11,9 +11,9 @@ the synthetic KAIST-style data (``datasets/synthetic.py``) and the evaluator:
   the "reasonable" setting excludes (under 55 px tall, heavily occluded, outside the 5 px border).
 - How a box travels in the COCO JSON (:func:`kaist_annotation`): ``category_id`` 1 for every box, plus ``label``
   (the original label), ``height`` (px), ``occlusion`` (0 none, 1 partial, 2 heavy) and ``ignore`` (1 for an
-  ignore region). An ignore region also has ``iscrowd`` 1: the training target leaves crowd boxes out
-  (``datasets/pairs.py``) and COCO AP treats them as crowd regions, so an ignore region is never a training
-  target and never a false positive, in either metric.
+  ignore region). An ignore region also has ``iscrowd`` 1: the paired reader leaves crowd boxes out of the
+  training target and COCO AP treats them as crowd regions, so an ignore region is never a training target and
+  never a false positive, in either metric (``tests/test_convert.py`` checks the targets).
 - Sets 00-02 and 06-08 were recorded by day, 03-05 and 09-11 at night (:func:`time_of_day`); image entries carry
   ``time_of_day`` so the evaluator reports all / day / night. Image ids are the frame names (strings); the
   dataset maps them to ints (``image_id_map``).
