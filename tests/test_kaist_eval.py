@@ -1,26 +1,16 @@
 """MR^-2 (datasets/kaist_eval.py) against hand-computed cases: a perfect detector, a blind one, a known mix of
 true positives, false positives, misses and detections on ignore regions, all / day / night, and the matching rules."""
-import contextlib
-import io
 import math
 
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
 
 from datasets.kaist_eval import (FALSE_POSITIVE, FPPI_POINTS, IGNORED, REASONABLE, TRUE_POSITIVE, EvalSetting,
                                  MissRateEvaluator, box_overlaps, log_average_miss_rate, match_image)
+from datasets.pairs import coco_from_dict
 
 W, H = 640, 512
-
-
-def coco_from_dict(dataset: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
 
 
 def person(image_id, x, y, w, h, **extra):
