@@ -16,10 +16,6 @@ from util.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = 'config/DINO/CAFF_tiny.py'
-TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
-                'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
-                'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2', 'print_freq=100', 'save_checkpoint_interval=0', "msda_backend='pytorch'"]
 
 
 @pytest.mark.parametrize('frame, expected', [('set00/V000/I00000', 'day'), ('set05/V001/I00010', 'night'),
@@ -81,9 +77,8 @@ def converted(tmp_path_factory) -> Path:
     return base
 
 
-def tiny_config(root, **overrides):
-    return load_config(REPO / TINY, [*TINY_OPTIONS, f'coco_path={str(root)!r}', "dataset_file='kaist_fusion'",
-                                     *(f'{k}={v!r}' for k, v in overrides.items())])
+def kaist_config(root):
+    return load_config(REPO / TINY, [f'coco_path={str(root)!r}', "dataset_file='kaist_fusion'"])
 
 
 def test_conversion_of_the_release_reproduces_the_synthetic_annotations(converted):
@@ -98,7 +93,7 @@ def test_conversion_of_the_release_reproduces_the_synthetic_annotations(converte
 
 
 def test_kaist_fusion_builds_the_kaist_dataset_and_its_evaluator(converted, tmp_path):
-    val = build_dataset('val', tiny_config(converted / 'data'))
+    val = build_dataset('val', kaist_config(converted / 'data'))
     assert isinstance(val, KaistDataset) and isinstance(build_benchmark_evaluator(val), MissRateEvaluator)
     written = json.loads((converted / 'data' / 'coco_annotations' / 'val.json').read_text())
     assert sorted(val.image_id_map) == sorted(im['id'] for im in written['images'])
@@ -107,11 +102,11 @@ def test_kaist_fusion_builds_the_kaist_dataset_and_its_evaluator(converted, tmp_
     assert build_benchmark_evaluator(llvip) is None and build_benchmark_evaluator(None) is None
 
 
-def test_train_once_then_eval_reports_miss_rate_all_day_night(converted, tmp_path):
+def test_train_once_then_eval_reports_miss_rate_all_day_night(converted, tmp_path, tiny_run_options):
     out = tmp_path / 'run'
     common = ['-c', str(REPO / TINY), '--dataset_file', 'kaist_fusion', '--coco_path', str(converted / 'data'),
               '--output_dir', str(out), '--num_workers', '0']
-    assert main.main([*common, '--options', *TINY_OPTIONS, 'epochs=1']) == 0
+    assert main.main([*common, '--options', *tiny_run_options, 'epochs=1']) == 0
     (record,) = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     miss_rate = record['test_miss_rate']
     assert set(miss_rate) == {'all', 'day', 'night'} and all(0 < v <= 1 for v in miss_rate.values())
@@ -122,7 +117,7 @@ def test_train_once_then_eval_reports_miss_rate_all_day_night(converted, tmp_pat
     info = (out / 'info.txt').read_text()
     assert 'log-average miss rate MR^-2' in info and 'best 1 - MR^-2 (all)' in info
 
-    assert main.main([*common, '--eval', '--resume', str(out / 'checkpoint.pth'), '--options', *TINY_OPTIONS]) == 0
+    assert main.main([*common, '--eval', '--resume', str(out / 'checkpoint.pth'), '--options', *tiny_run_options]) == 0
     evaluated = json.loads((out / 'log.txt').read_text().splitlines()[-1])
     assert evaluated['mode'] == 'eval'
     assert evaluated['test_miss_rate'] == pytest.approx(miss_rate, abs=1e-9)
