@@ -9,6 +9,8 @@ Follows CAFF-DINO's ``engine.py`` (``train_one_epoch``, ``evaluate``; itself DIN
 - The loss used for that check is the one averaged over ranks, so all ranks stop together under DDP.
 - ``evaluate`` runs on CPU (the reference criterion hard-codes ``.to('cuda')``), prints the COCO summary and a
   per-class AP table on the main process, and writes the detections as a COCO results JSON.
+- ``evaluate`` also scores a data set's own benchmark metric when it has one (KAIST: MR^-2 all / day / night,
+  ``datasets/kaist_eval.py``), and names the number a run should select its best checkpoint by.
 """
 import json
 import logging
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from datasets import build_benchmark_evaluator
 from datasets.coco_eval import CocoEvaluator
 from util import dist
 from util.errors import UserError
@@ -132,11 +135,15 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     Returns ``(stats, evaluator)``; ``stats`` holds the averaged loss and main weighted terms, ``coco_eval_bbox``
     (the 12 COCO numbers, AP first) and ``coco_eval_per_class`` ({class: [AP, AP50]}). With ``output_dir`` the main
     process writes the detections to ``output_dir/detections_bbox.json``. Every rank returns the same stats.
+    A data set with its own metric (``data_loader.dataset``, see ``build_benchmark_evaluator``) adds it under the
+    evaluator's ``stats_key`` (KAIST: ``miss_rate`` = {all, day, night}). ``selection`` = {name, value} is the
+    number to keep the best checkpoint by, higher is better: AP, or the benchmark's own (KAIST: 1 - MR^-2 all).
     """
     model.eval()
     criterion.eval()
     weight_dict = criterion.weight_dict
     evaluator = CocoEvaluator(base_ds)
+    benchmark = build_benchmark_evaluator(getattr(data_loader, 'dataset', None))
     metric_logger = MetricLogger(delimiter='  ')
     for samples_rgb, samples_ir, targets in metric_logger.log_every(data_loader, print_freq, 'Test:', logger):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
@@ -152,6 +159,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
         orig_sizes = torch.stack([t['orig_size'] for t in targets], dim=0)
         results = postprocessors['bbox'](outputs, orig_sizes)
         evaluator.update({int(t['image_id']): r for t, r in zip(targets, results)})
+        if benchmark is not None:
+            benchmark.update({int(t['image_id']): r for t, r in zip(targets, results)})
 
     metric_logger.synchronize_between_processes()
     evaluator.synchronize_between_processes()
@@ -164,6 +173,14 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats['coco_eval_bbox'] = evaluator.stats.tolist()
     stats['coco_eval_per_class'] = {name: [ap, ap50] for name, ap, ap50 in evaluator.per_class}
+    stats['selection'] = {'name': 'AP', 'value': stats['coco_eval_bbox'][0]}
+    if benchmark is not None:
+        benchmark.synchronize_between_processes()
+        benchmark.accumulate()
+        if dist.is_main_process():
+            logger.info(benchmark.summarize().rstrip('\n'))
+        stats[benchmark.stats_key] = benchmark.stats_dict()
+        stats['selection'] = benchmark.selection()
     return stats, evaluator
 
 

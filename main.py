@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--options', nargs='+', metavar='KEY=VALUE', default=[],
                         help='override config keys, e.g. --options epochs=2 lr=2e-4 caff_kernel_sizes=[1,5,7]')
     keys = parser.add_argument_group('config keys (override the config file)')
-    keys.add_argument('--dataset_file', help='llvip_fusion, flir_fusion or synthetic')
+    keys.add_argument('--dataset_file', help='llvip_fusion, flir_fusion, synthetic or kaist_fusion')
     keys.add_argument('--coco_path', help='data set root directory')
     keys.add_argument('--output_dir', help='where checkpoints, log.txt and info.txt go')
     keys.add_argument('--device', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         lr_scheduler.step()
         stats, _ = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, output_dir, cfg.amp,
                             cfg.print_freq)
-        ap = stats['coco_eval_bbox'][0]
+        ap = stats['selection']['value']  # COCO AP, or the data set's own metric (KAIST: 1 - MR^-2 all)
         improved = ap > best_metric
         if improved:
             best_metric, best_epoch = ap, epoch
@@ -263,13 +263,13 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                       'epoch_time': str(datetime.timedelta(seconds=int(time.time() - epoch_start))),
                       'now_time': str(datetime.datetime.now())})
         dist.barrier()
-        logger.info(f'epoch {epoch}: {coco_table(stats["coco_eval_bbox"])}  (best AP {100 * best_metric:.1f} '
-                    f'at epoch {best_epoch})')
+        logger.info(f'epoch {epoch}: {coco_table(stats["coco_eval_bbox"])}  (best {stats["selection"]["name"]} '
+                    f'{100 * best_metric:.1f} at epoch {best_epoch})')
     logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}, whole run '
                 f'{datetime.timedelta(seconds=int(time.time() - run_start))}')
     if stats:
-        logger.info(f'final (epoch {cfg.epochs - 1}): {coco_table(stats["coco_eval_bbox"])}; best AP '
-                    f'{100 * best_metric:.1f} at epoch {best_epoch}')
+        logger.info(f'final (epoch {cfg.epochs - 1}): {coco_table(stats["coco_eval_bbox"])}; '
+                    f'best {stats["selection"]["name"]} {100 * best_metric:.1f} at epoch {best_epoch}')
     logger.info(f'checkpoints: {os.path.abspath(last_ckpt)}, {os.path.abspath(best_ckpt)}')
     logger.info(f'logs: {os.path.abspath(os.path.join(output_dir, "log.txt"))}, '
                 f'{os.path.abspath(os.path.join(output_dir, "info.txt"))}')

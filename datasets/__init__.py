@@ -1,14 +1,16 @@
 """Data sets of aligned RGB + thermal pairs: `build_dataset(image_set, cfg)` is the only reader of data config keys.
 
 Follows CAFF-DINO's `datasets/__init__.py::build_dataset` (llvip_fusion, flir_fusion); adds `synthetic` (the
-LLVIP layout written by `datasets/synthetic.py`). Unlike the reference, the augmentation keys of the config are
+LLVIP layout written by `datasets/synthetic.py`) and `kaist_fusion` (KAIST in the LLVIP layout, scored by MR^-2 too:
+`datasets/kaist.py`). Unlike the reference, the augmentation keys of the config are
 used (the reference ignores them and hard-codes the same COCO values).
 """
+from datasets.kaist import KaistDataset
 from datasets.layouts import DATASET_FILES, resolve_layout
 from datasets.pairs import BadPairError, PairedCocoDataset
 from datasets.transforms import make_eval_transforms, make_train_transforms
 
-__all__ = ['build_dataset', 'PairedCocoDataset', 'BadPairError', 'DATASET_FILES']
+__all__ = ['build_dataset', 'build_benchmark_evaluator', 'PairedCocoDataset', 'BadPairError', 'DATASET_FILES']
 
 
 def build_dataset(image_set: str, cfg) -> PairedCocoDataset:
@@ -24,6 +26,12 @@ def build_dataset(image_set: str, cfg) -> PairedCocoDataset:
                                            cfg.data_aug_scales2_crop, cfg.strong_aug)
     else:
         transforms = make_eval_transforms(cfg.eval_size, cfg.eval_max_size)
-    return PairedCocoDataset(layout.rgb_dir, layout.ir_dir, layout.annotation_file, cfg.num_classes,
-                             transforms=transforms, pair_names=layout.pair_names,
-                             skip_bad_pairs=bool(cfg.skip_bad_pairs) and image_set == 'train')
+    dataset_class = KaistDataset if cfg.dataset_file == 'kaist_fusion' else PairedCocoDataset
+    return dataset_class(layout.rgb_dir, layout.ir_dir, layout.annotation_file, cfg.num_classes,
+                         transforms=transforms, pair_names=layout.pair_names,
+                         skip_bad_pairs=bool(cfg.skip_bad_pairs) and image_set == 'train')
+
+
+def build_benchmark_evaluator(dataset):
+    """The evaluator of the data set's own benchmark metric, beside COCO AP (KAIST: MR^-2), or None."""
+    return dataset.benchmark_evaluator() if isinstance(dataset, KaistDataset) else None

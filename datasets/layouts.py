@@ -3,7 +3,8 @@
 Follows the directory layouts read by CAFF-DINO (kevinhelvig/CAFF-DETR, `datasets/coco.py` build_RGBT_LLVIP /
 build_RGBT_FLIR) and also accepts the spellings its README shows:
 
-LLVIP (`llvip_fusion`, and `synthetic`, which `datasets/synthetic.py` writes in this layout)::
+LLVIP (`llvip_fusion`, and `synthetic`, which `datasets/synthetic.py` writes in this layout; also `kaist_fusion`,
+which `tools/convert.py kaist` writes with NAME = setXX/VYYY/I#####.jpg and train.json / val.json)::
 
     root/visible/{train,test}/NAME        RGB image
     root/infrared/{train,test}/NAME       thermal image with the same NAME
@@ -22,7 +23,7 @@ missing folder or annotation file is an error that lists every path that was tri
 import os
 from dataclasses import dataclass
 
-DATASET_FILES = ('llvip_fusion', 'flir_fusion', 'synthetic')
+DATASET_FILES = ('llvip_fusion', 'flir_fusion', 'synthetic', 'kaist_fusion')
 IMAGE_SETS = ('train', 'val')
 
 # Key pairs an image entry may use to name its RGB and IR files, tried in this order.
@@ -83,14 +84,14 @@ def flir_layout(root: str, image_set: str) -> PairLayout:
 
 
 def resolve_layout(dataset_file: str, root: str, image_set: str) -> PairLayout:
-    """The layout of `dataset_file` ('llvip_fusion' | 'flir_fusion' | 'synthetic') under `root` for one split."""
+    """The layout of `dataset_file` ('llvip_fusion' | 'flir_fusion' | 'synthetic' | 'kaist_fusion') under `root`."""
     if image_set not in IMAGE_SETS:
         raise ValueError(f'image_set must be one of {IMAGE_SETS}, got {image_set!r}')
     if not root:
         raise ValueError(f'coco_path is empty: pass --coco_path pointing at the {dataset_file} data root')
     if not os.path.isdir(root):
         raise FileNotFoundError(f'coco_path {root!r} is not a folder (dataset_file={dataset_file!r})')
-    if dataset_file in ('llvip_fusion', 'synthetic'):
+    if dataset_file in ('llvip_fusion', 'synthetic', 'kaist_fusion'):
         return llvip_layout(root, image_set)
     if dataset_file == 'flir_fusion':
         return flir_layout(root, image_set)

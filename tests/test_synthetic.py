@@ -1,4 +1,5 @@
-"""Synthetic LLVIP-layout generator: determinism, layout, per-modality visibility of the objects."""
+"""Synthetic generators: determinism, layout, per-modality visibility of the objects; the KAIST-style variant's
+frames, day/night split and ignore regions."""
 import json
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 
 from datasets.layouts import resolve_layout
 from datasets.pairs import PairedCocoDataset
-from datasets.synthetic import generate_synthetic_dataset, main
+from datasets.kaist import REASONABLE, ignore_reason
+from datasets.synthetic import generate_synthetic_dataset, generate_synthetic_kaist, main
 
 SIZE = dict(width=160, height=128)
 
@@ -112,3 +114,79 @@ def test_bad_arguments_are_rejected(tmp_path):
         generate_synthetic_dataset(str(tmp_path), 1, 1, image_format='bmp')
     with pytest.raises(ValueError, match='too small'):
         generate_synthetic_dataset(str(tmp_path), 1, 1, width=32, height=32)
+
+
+KAIST_SIZE = dict(width=320, height=256)
+
+
+@pytest.fixture(scope='module')
+def kaist(tmp_path_factory):
+    root = tmp_path_factory.mktemp('synthetic_kaist')
+    summary = generate_synthetic_kaist(str(root), 24, 6, seed=0, **KAIST_SIZE)
+    return root, summary
+
+
+def test_kaist_variant_is_deterministic(tmp_path):
+    generate_synthetic_kaist(str(tmp_path / 'a'), 2, 2, seed=5, width=128, height=96)
+    generate_synthetic_kaist(str(tmp_path / 'b'), 2, 2, seed=5, width=128, height=96)
+    a, b = tree_bytes(tmp_path / 'a'), tree_bytes(tmp_path / 'b')
+    assert len(a) == 2 * 4 + 2 and a == b
+    assert 'visible/train/set03/V000/I00000.png' in a and 'infrared/test/set09/V000/I00000.png' in a
+
+
+def test_kaist_variant_frames_alternate_day_and_night(kaist):
+    root, summary = kaist
+    data = json.loads((root / 'coco_annotations' / 'val.json').read_text())
+    assert [im['id'] for im in data['images']][:3] == ['set06/V000/I00000', 'set09/V000/I00000', 'set06/V000/I00001']
+    assert [im['time_of_day'] for im in data['images']] == ['day', 'night'] * 3
+    assert summary['splits']['val']['time_of_day'] == {'day': 3, 'night': 3}
+    assert data['categories'] == [{'id': 1, 'name': 'person'}]
+    night = [im['file_name'] for im in data['images'] if im['time_of_day'] == 'night']
+    day = [im['file_name'] for im in data['images'] if im['time_of_day'] == 'day']
+    brightness = {name: np.asarray(PIL.Image.open(root / 'visible' / 'test' / name)).mean() for name in night + day}
+    assert max(brightness[n] for n in night) < 60 < min(brightness[n] for n in day)
+
+
+def test_kaist_variant_marks_ignore_regions_by_the_reasonable_setting(kaist):
+    root, summary = kaist
+    data = json.loads((root / 'coco_annotations' / 'train.json').read_text())
+    labels = {a['label'] for a in data['annotations']}
+    assert labels == {'person', 'people', 'cyclist', 'person?'}
+    reasons = set()
+    for ann in data['annotations']:
+        x, y, w, h = ann['bbox']
+        assert ann['category_id'] == 1 and ann['height'] == h and ann['ignore'] == ann['iscrowd']
+        assert 0 <= x and 0 <= y and x + w <= KAIST_SIZE['width'] and y + h <= KAIST_SIZE['height']
+        # An independent re-derivation of the rule: only tall, not heavily occluded persons off the border count.
+        evaluated = (ann['label'] == 'person' and h >= 55 and ann['occlusion'] in (0, 1) and x >= 5 and y >= 5
+                     and x + w <= KAIST_SIZE['width'] - 5 and y + h <= KAIST_SIZE['height'] - 5)
+        assert ann['ignore'] == (not evaluated), ann
+        reasons.add(ignore_reason(ann['label'], ann['bbox'], ann['occlusion'], 320, 256, REASONABLE))
+    assert {'label', 'height', 'occlusion', None} <= reasons
+    split = summary['splits']['train']
+    assert split['targets'] == sum(1 for a in data['annotations'] if not a['ignore']) > 0
+    assert split['targets'] + sum(split['ignored'].values()) == split['objects'] == len(data['annotations'])
+
+
+def test_kaist_variant_persons_are_warm_where_visible_in_ir(kaist):
+    root, _ = kaist
+    data = json.loads((root / 'coco_annotations' / 'train.json').read_text())
+    names = {im['id']: im['file_name'] for im in data['images']}
+    hot = 0
+    for ann in data['annotations']:
+        if ann['label'] == 'person?':  # unsure persons are faint in both images
+            ir = np.asarray(PIL.Image.open(root / 'infrared' / 'train' / names[ann['image_id']]), dtype=np.int32)
+            x, y, w, h = map(int, ann['bbox'])
+            assert ir[y:y + h, x:x + w].max() < 150
+        elif ann['label'] == 'person' and ann['occlusion'] == 0:
+            ir = np.asarray(PIL.Image.open(root / 'infrared' / 'train' / names[ann['image_id']]), dtype=np.int32)
+            x, y, w, h = map(int, ann['bbox'])
+            hot += int(ir[y:y + h, x:x + w].max() > 180)
+    assert hot > 0
+
+
+def test_cli_writes_the_kaist_variant(tmp_path, capsys):
+    main(['--out', str(tmp_path), '--variant', 'kaist', '--num-train', '2', '--num-val', '0', '--size', '96x80'])
+    assert json.loads(capsys.readouterr().out)['splits']['train']['images'] == 2
+    assert PIL.Image.open(tmp_path / 'visible' / 'train' / 'set00' / 'V000' / 'I00000.png').size == (96, 80)
+    assert json.loads((tmp_path / 'coco_annotations' / 'val.json').read_text())['images'] == []

@@ -6,7 +6,7 @@
 _base_ = ['coco_transformer.py']
 
 # Data
-dataset_file = 'llvip_fusion'  # 'llvip_fusion', 'flir_fusion' or 'synthetic'
+dataset_file = 'llvip_fusion'  # 'llvip_fusion', 'flir_fusion', 'synthetic' or 'kaist_fusion' (scored by MR^-2 too)
 coco_path = ''  # dataset root, usually given with --coco_path
 skip_bad_pairs = False  # skip a pair whose images cannot be read or differ in size, instead of raising
 
