@@ -310,6 +310,9 @@ class Detector:
         if batch_size < 1:
             raise UsageError(f'predict: batch_size must be >= 1, got {batch_size}')
         rgbs, irs, batched = _as_batch(rgb, ir)
+        for i, (r, t) in enumerate(zip(rgbs, irs)):
+            if r is None and t is None:
+                raise UsageError(f'predict: both images of pair {i} are missing; give at least one of them')
         pairs = [(None if r is None else to_pil(r, f'rgb[{i}]' if batched else 'rgb'),
                   None if t is None else to_pil(t, f'ir[{i}]' if batched else 'ir'))
                  for i, (r, t) in enumerate(zip(rgbs, irs))]
