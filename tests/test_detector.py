@@ -220,7 +220,8 @@ def test_readme_example_runs(workspace, tmp_path, monkeypatch, capsys, repo_root
     model = copy.deepcopy(workspace['model'])
     with torch.no_grad():  # a confident 'person' head (shared by every decoder layer), so that scores pass 0.3
         model.class_embed[-1].bias[1] = 3.0
-    save_checkpoint({'model': model.state_dict(), 'config': cfg.to_dict()}, 'outputs/caff_tiny/checkpoint_best_regular.pth')
+    save_checkpoint({'model': model.state_dict(), 'config': cfg.to_dict()},
+                    'outputs/caff_tiny/checkpoint_best_regular.pth')
     exec(compile(code, 'README.md', 'exec'), {})
     lines = capsys.readouterr().out.splitlines()
     assert lines, 'the example printed nothing'

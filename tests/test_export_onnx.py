@@ -110,3 +110,11 @@ def test_export_matches_pytorch_in_onnxruntime_at_two_sizes(tiny, tmp_path, caps
     rows = export_onnx._query_rows(expected['pred_logits'], expected['pred_boxes'])
     got = export_onnx._query_rows(torch.from_numpy(logits), torch.from_numpy(boxes))
     assert export_onnx.matched_fraction(rows, got) >= 0.97
+
+
+def test_timing_rounds_interleave_the_runs():
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name)) for name in ('a', 'b', 'c')}
+    medians = export_onnx._interleaved_medians(runs, repeats=2)
+    assert calls == ['a', 'b', 'c'] * 3  # one warm-up round, then two timed rounds, each calling every run once
+    assert set(medians) == {'a', 'b', 'c'} and all(v >= 0 for v in medians.values())

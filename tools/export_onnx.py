@@ -29,7 +29,8 @@ sets: the matched fraction is the share of PyTorch queries with an ONNX query wi
 coordinate (with ``--postprocess`` also the share of PyTorch detections with an ONNX detection of the same label
 within 1e-3 in score and normalised box). A fraction below 97 % fails the export (exit status 1). ``--time N``
 then prints the median CPU latency of N runs at the export size for PyTorch (``pytorch`` path, and the fused
-``cpu`` kernel when it builds) and for onnxruntime, on ``torch.get_num_threads()`` threads.
+``cpu`` kernel when it builds) and for onnxruntime, on ``torch.get_num_threads()`` threads, measured in interleaved
+rounds (one run of each per round) so that the ratios hold on a shared machine.
 
 Without ``--checkpoint`` the model keeps its random initialisation (for timing). The file records the
 normalisation, the size constraint and the class names in its metadata (``caff_dino.*`` keys).
@@ -178,31 +179,39 @@ def parity(wrapper: OnnxExportModel, session, height: int, width: int, seed: int
     return result
 
 
-def _median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable in ``runs`` over ``repeats`` rounds; each round calls every one once, in
+    turn, so that a change of machine load during the measurement hits them alike. One warm-up call each first."""
+    times = {name: [] for name in runs}
+    for run in runs.values():
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def latency(wrapper: OnnxExportModel, session, height: int, width: int, repeats: int) -> dict[str, float]:
     """Median seconds per pair at ``height`` x ``width``: PyTorch (pytorch MSDeformAttn path; fused cpu kernel when
-    it builds) and onnxruntime."""
+    it builds) and onnxruntime, measured in interleaved rounds."""
     from models.ops import ms_deform_attn_func
     inputs = [torch.randn(1, 3, height, width) for _ in INPUT_NAMES]
     feeds = {n: x.numpy() for n, x in zip(INPUT_NAMES, inputs)}
-    times = {}
-    with torch.no_grad():
-        with msda_backend('pytorch'):
-            times['pytorch (pytorch MSDeformAttn)'] = _median_seconds(lambda: wrapper(*inputs), repeats)
-        with msda_backend('cpu'):
-            if ms_deform_attn_func.resolve_backend(torch.device('cpu')) == 'cpu':
-                times['pytorch (fused cpu MSDeformAttn)'] = _median_seconds(lambda: wrapper(*inputs), repeats)
-    times['onnxruntime'] = _median_seconds(lambda: session.run(None, feeds), repeats)
-    return times
+
+    def torch_run(backend):
+        def run():
+            with msda_backend(backend), torch.no_grad():
+                wrapper(*inputs)
+        return run
+
+    runs = {'pytorch (pytorch MSDeformAttn)': torch_run('pytorch')}
+    with msda_backend('cpu'):
+        if ms_deform_attn_func.resolve_backend(torch.device('cpu')) == 'cpu':
+            runs['pytorch (fused cpu MSDeformAttn)'] = torch_run('cpu')
+    runs['onnxruntime'] = lambda: session.run(None, feeds)
+    return _interleaved_medians(runs, repeats)
 
 
 def ort_session(path: str):

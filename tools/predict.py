@@ -50,7 +50,6 @@ if __package__ in (None, ''):  # run as ``python tools/predict.py``: make the re
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
-import torch
 
 from datasets.coco_eval import CocoEvaluator
 from datasets.pairs import BadPairError, boxes_to_target, coco_from_dict, read_image
