@@ -65,12 +65,13 @@ def weighted_loss(loss_dict: dict, weight_dict: dict) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     clip_max_norm: float = 0.0, amp: bool = False, scaler: torch.amp.GradScaler | None = None,
-                    ema=None, print_freq: int = 10) -> dict[str, float]:
+                    ema=None, print_freq: int = 10, tb_logger=None) -> dict[str, float]:
     """Train for one pass over ``data_loader`` of ``(NestedTensor rgb, NestedTensor ir, targets)`` batches.
 
     Per step: ``loss = sum_k w_k * L_k`` (``criterion.weight_dict``), backward, gradient clipping to
     ``clip_max_norm`` (0 disables), optimiser step, EMA update. Returns the epoch averages of ``loss``, every
     weighted term (``loss_ce``, ``loss_bbox_0``, ...), every unweighted term (``*_unscaled``) and ``lr``.
+    ``tb_logger`` (``util.tensorboard_logger.TensorBoardLogger`` or None) gets the loss, main terms and lr per step.
     """
     model.train()
     criterion.train()
@@ -115,6 +116,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         # The progress line shows the total and the last decoder layer's terms; every term goes into the averages.
         metric_logger.update(loss=loss_value, **{k: reduced_weighted[k] for k in MAIN_TERMS if k in reduced_weighted},
                              lr=optimizer.param_groups[0]['lr'])
+        if tb_logger is not None:
+            main_terms = {k: reduced_weighted[k].item() for k in MAIN_TERMS if k in reduced_weighted}
+            tb_logger.log_iteration(epoch * len(data_loader) + step, {'loss': loss_value, **main_terms},
+                                    optimizer.param_groups[0]['lr'])
         for k, v in reduced_weighted.items():
             term_sums[k] += v.item()
         for k, v in reduced.items():

@@ -43,6 +43,7 @@ from util.errors import DataError, UsageError, UserError, report_user_error
 from util.logger import setup_logger
 from util.misc import collate_fn, seed_everything
 from util.optim import ModelEma, param_groups
+from util.tensorboard_logger import make_tensorboard_logger
 
 # CLI flags that are config keys: given on the command line they override the config value.
 CONFIG_OVERRIDES = ('dataset_file', 'coco_path', 'output_dir', 'device', 'seed', 'num_workers', 'amp')
@@ -225,6 +226,7 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                            f'{dist.get_world_size()}: the resumed run keeps its seeded generators, so its data order '
                            'and augmentations differ from those of an uninterrupted run')
     logger.info(f'training epochs {start_epoch}..{cfg.epochs - 1}')
+    tb_logger = make_tensorboard_logger(cfg.tensorboard, output_dir) if dist.is_main_process() else None
     start_time = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.time()
@@ -233,7 +235,7 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
         try:
             train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
                                           cfg.clip_max_norm, cfg.amp, scaler,
-                                          ema if epoch >= cfg.ema_epoch else None, cfg.print_freq)
+                                          ema if epoch >= cfg.ema_epoch else None, cfg.print_freq, tb_logger)
         except NonFiniteLossError as e:
             kept = last_ckpt if os.path.exists(last_ckpt) else 'none (no epoch completed)'
             raise NonFiniteLossError(f'{e}. Last good checkpoint: {kept}') from None
@@ -262,9 +264,13 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
                       'epoch': epoch, 'n_parameters': n_parameters, 'best_res': best_metric, 'best_ep': best_epoch,
                       'epoch_time': str(datetime.timedelta(seconds=int(time.time() - epoch_start))),
                       'now_time': str(datetime.datetime.now())})
+            if tb_logger is not None:
+                tb_logger.log_epoch(epoch, train_stats, stats, STAT_NAMES)
         dist.barrier()
         logger.info(f'epoch {epoch}: {coco_table(stats["coco_eval_bbox"])}  (best {stats["selection"]["name"]} '
                     f'{100 * best_metric:.1f} at epoch {best_epoch})')
+    if tb_logger is not None:
+        tb_logger.close()
     logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}, whole run '
                 f'{datetime.timedelta(seconds=int(time.time() - run_start))}')
     if stats:

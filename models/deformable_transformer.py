@@ -34,6 +34,15 @@ def valid_ratios_from_mask(mask: Tensor) -> Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
+def _long_tensor(values: Sequence, device: torch.device) -> Tensor:
+    """An int64 tensor of (nested) sizes such as ``[(H_l, W_l)]``; built from 0-d tensors rather than with
+    ``torch.as_tensor``, so that sizes that are symbolic under ``torch.export`` stay symbolic (ONNX export with
+    dynamic height and width) instead of being frozen to the traced values."""
+    if isinstance(values, (list, tuple)):
+        return torch.stack([_long_tensor(v, device) for v in values])
+    return torch.full((), values, dtype=torch.long, device=device)
+
+
 def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shapes: SpatialShapes,
                              default_hw: float = 0.05) -> tuple[Tensor, Tensor]:
     """One box proposal per encoder token, for the two-stage query selection (DINO `gen_encoder_output_proposals`).
@@ -382,11 +391,11 @@ class DeformableTransformer(nn.Module):
             raise ValueError('DeformableTransformer: refpoint_embed and tgt (the DN queries) must be given together')
         src_flatten, mask_flatten, pos_flatten, shapes = self._flatten_levels(srcs, masks, pos_embeds)
         device = src_flatten.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        spatial_shapes = _long_tensor(shapes, device)
         starts = [0]
         for height, width in shapes[:-1]:
             starts.append(starts[-1] + height * width)
-        level_start_index = torch.as_tensor(starts, dtype=torch.long, device=device)
+        level_start_index = _long_tensor(starts, device)
         valid_ratios = torch.stack([valid_ratios_from_mask(m) for m in masks], 1)  # (B, L, 2)
 
         memory = self.encoder(src_flatten, pos_flatten, spatial_shapes, level_start_index, valid_ratios,

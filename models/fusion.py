@@ -77,7 +77,8 @@ def caff_position_encoding(channels: int, height: int, width: int) -> torch.Tens
     if channels % 2:
         raise ValueError(f'CAFF position encoding needs an even channel count, got channels={channels}')
     freqs = torch.exp(torch.arange(0.0, channels, 2) * -(math.log(10000.0) / channels))
-    rows, cols = torch.meshgrid(torch.arange(0.0, height), torch.arange(0.0, width), indexing='ij')
+    rows, cols = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                                indexing='ij')  # explicit dtype: the ONNX exporter makes arange(0.0, symbolic) int64
     encoding = torch.zeros(channels, height, width)
     encoding[0::2] = torch.sin(rows * freqs[:, None, None])
     encoding[1::2] = torch.cos(cols * freqs[:, None, None])
@@ -176,7 +177,10 @@ class CrossSpectrumAttention(nn.Module):
             raise ValueError(f'CrossSpectrumAttention expects two maps of shape (B, {self.channels}, H, W); '
                              f'got {tuple(x1.shape)} and {tuple(x2.shape)}')
         height, width = x1.shape[-2:]
-        pos = _combined_position_encoding(self.channels, height, width, x1.device, x1.dtype)
+        if torch.compiler.is_compiling():  # torch.export / compile: sizes are symbolic, the cache needs ints
+            pos = _combined_position_encoding.__wrapped__(self.channels, height, width, x1.device, x1.dtype)
+        else:
+            pos = _combined_position_encoding(self.channels, height, width, x1.device, x1.dtype)
         for stage in range(self.num_stages):
             outs = [self._attend(convs, kernel, x1, x2, pos if kernel == 1 else None)
                     for kernel, convs in self.branches(stage)]

@@ -1,6 +1,7 @@
 """tools/predict.py on a tiny random-weight CAFF-DINO checkpoint and a few 128 x 96 synthetic pairs."""
 import json
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -119,24 +120,44 @@ def test_detections_below_threshold_are_not_drawn():
     assert canvas.getpixel((2, 6)) == (0, 0, 0)
 
 
-def test_missing_partner_is_a_one_line_error(workspace, tmp_path, capsys):
+def test_image_without_partner_is_predicted_with_the_partner_missing_and_one_warning(workspace, tmp_path, capsys):
     data = workspace['data']
     rgb_dir, ir_dir = tmp_path / 'rgb', tmp_path / 'ir'
     rgb_dir.mkdir()
     ir_dir.mkdir()
-    for name in ('000001.png', '000002.png'):
+    for name in ('000001.png', '000002.png', '000003.png'):
         (rgb_dir / name).write_bytes((data / 'visible' / 'train' / name).read_bytes())
     (ir_dir / '000001.png').write_bytes((data / 'infrared' / 'train' / '000001.png').read_bytes())
-    argv = _common(workspace, tmp_path / 'out') + ['--rgb-dir', str(rgb_dir), '--ir-dir', str(ir_dir)]
+    out = tmp_path / 'out'
+    argv = _common(workspace, out) + ['--rgb-dir', str(rgb_dir), '--ir-dir', str(ir_dir), '--batch-size', '2']
+    assert predict.main(argv) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning:')]
+    assert len(warnings) == 1 and '2 of 3 pair(s) without their thermal image' in warnings[0]
+    assert {r['image_id'] for r in _results(out)} == {1, 2, 3}
+    index = json.loads((out / 'images.json').read_text())
+    assert [im['file_name_IR'] for im in index['images']] == ['000001.png', None, None]
+    with PIL.Image.open(out / '000002.png') as image:  # the thermal half is black but for its label and boxes
+        right = image.convert('L').crop((WIDTH, 0, 2 * WIDTH, HEIGHT))
+        assert (np.asarray(right) == 0).mean() > 0.5
+
+
+def test_rgb_alone_predicts_with_the_thermal_image_missing(workspace, tmp_path, capsys):
+    data = workspace['data']
+    out = tmp_path / 'rgb_only'
+    argv = _common(workspace, out) + ['--rgb', str(data / 'visible' / 'test' / '000001.png')]
+    assert predict.main(argv) == 0
+    assert 'without their thermal image' in capsys.readouterr().err
+    assert len(_results(out)) == TINY_OPTIONS['num_select']
+
+
+def test_named_file_that_does_not_exist_is_a_one_line_error(workspace, tmp_path, capsys):
+    data = workspace['data']
+    missing = tmp_path / 'nope.png'
+    argv = _common(workspace, tmp_path / 'out') + ['--rgb', str(data / 'visible' / 'test' / '000001.png'),
+                                                   '--ir', str(missing)]
     assert predict.main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert 'missing partner' in err and str(ir_dir / '000002.png') in err
-
-    argv = _common(workspace, tmp_path / 'out') + ['--rgb', str(rgb_dir / '000002.png'),
-                                                   '--ir', str(ir_dir / '000002.png')]
-    assert predict.main(argv) == 2
-    assert str(ir_dir / '000002.png') in capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(missing) in err and 'file not found' in err
 
 
 def test_unreadable_image_and_bad_checkpoint_are_one_line_errors(workspace, tmp_path, capsys):

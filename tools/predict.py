@@ -3,6 +3,10 @@
     python tools/predict.py -c CONFIG --checkpoint CKPT --rgb A.png --ir B.png --out DIR
     python tools/predict.py -c CONFIG --checkpoint CKPT --rgb-dir D1 --ir-dir D2 --out DIR [--batch-size 4]
     python tools/predict.py -c CONFIG --checkpoint CKPT --split val --coco_path P [--dataset_file X] --out DIR
+    python tools/predict.py --checkpoint CKPT --rgb A.png --out DIR          # thermal image missing
+
+A thin command line over ``tools/detector.py`` (``Detector``), which loads the model and predicts; this file reads
+the inputs, draws and writes the results.
 
 Not in the reference (its README: "a proper visualization code should be added"). Written for each pair:
 ``DIR/<rgb file stem>.png``, the RGB image (left) and the thermal image (right) side by side at their size on
@@ -21,7 +25,13 @@ the config's ``coco_path`` when it exists); otherwise the class id is shown.
 
 Preprocessing is the evaluation transform of ``datasets/transforms.py`` (``eval_size`` / ``eval_max_size`` of
 the config); boxes are mapped back to the pixels of the files. The checkpoint is loaded weights-only and must
-match the model of the config exactly. Without ``-c`` the config saved in the checkpoint is used.
+match the model of the config exactly. Without ``-c`` the config saved in the checkpoint is used (or, for a
+checkpoint of the reference code, its saved run arguments).
+
+Missing modality: a pair may lack one image (``--rgb`` without ``--ir`` or the other way round; in folder mode an
+image without a partner of the same name; one folder alone). It is predicted with that image replaced by the mean
+image (``tools.detector.blank_image``), drawn black, and one warning on stderr says how many pairs lacked which
+image. A file named on the command line that does not exist is still an error.
 Errors (missing partner file, unreadable image, bad checkpoint or config) end the run with one line on stderr
 and exit status 2.
 """
@@ -29,6 +39,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,16 +50,13 @@ if __package__ in (None, ''):  # run as ``python tools/predict.py``: make the re
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
-import torch
 
 from datasets.coco_eval import CocoEvaluator
 from datasets.pairs import BadPairError, boxes_to_target, coco_from_dict, read_image
-from datasets.transforms import make_eval_transforms
-from util.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
-from util.config import config_from_dict, load_config, parse_options
-from util.device import resolve_device
+from tools.detector import Detector, MissingModalityWarning, category_names, config_for_checkpoint, missing_summary
+from util.checkpoint import load_checkpoint
+from util.config import parse_options
 from util.errors import UserError, report_user_error
-from util.misc import collate_fn
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GT_COLOUR = (0, 220, 0)
@@ -63,12 +71,18 @@ class PredictError(UserError, ValueError):
 
 @dataclass
 class PairItem:
-    """One image pair to predict on; ``annotations``: its COCO ground truth (None when there is none)."""
+    """One image pair to predict on; a path is None when that image is missing; ``annotations``: its COCO ground
+    truth (None when there is none)."""
     image_id: int
     name: str
-    rgb_path: str
-    ir_path: str
+    rgb_path: Optional[str]
+    ir_path: Optional[str]
     annotations: Optional[list[dict]] = None
+
+    @property
+    def missing(self) -> Optional[str]:
+        """``'rgb'`` or ``'ir'`` when that image is missing, else None."""
+        return 'rgb' if self.rgb_path is None else 'ir' if self.ir_path is None else None
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -79,31 +93,30 @@ def _image_names(folder: str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def single_pair(rgb_path: str, ir_path: str) -> list[PairItem]:
-    """The pair ``(--rgb, --ir)`` as image id 1; a missing file is an error naming it."""
+def single_pair(rgb_path: Optional[str], ir_path: Optional[str]) -> list[PairItem]:
+    """The pair ``(--rgb, --ir)`` as image id 1 (one of them may be None: missing); a named file that does not
+    exist is an error naming it."""
     for path, partner in ((rgb_path, ir_path), (ir_path, rgb_path)):
-        if not os.path.isfile(path):
-            raise PredictError(f'{path}: file not found (partner of {partner})')
-    return [PairItem(1, Path(rgb_path).stem, rgb_path, ir_path)]
+        if path is not None and not os.path.isfile(path):
+            raise PredictError(f'{path}: file not found' + (f' (partner of {partner})' if partner else ''))
+    return [PairItem(1, Path(rgb_path or ir_path).stem, rgb_path, ir_path)]
 
 
-def folder_pairs(rgb_dir: str, ir_dir: str) -> list[PairItem]:
-    """Pairs of ``rgb_dir`` and ``ir_dir`` with the same file name, ids 1..N in name order.
+def folder_pairs(rgb_dir: Optional[str], ir_dir: Optional[str]) -> list[PairItem]:
+    """Pairs of ``rgb_dir`` and ``ir_dir`` by identical file name, ids 1..N in name order.
 
-    Every image must have its partner: the first one without is an error naming both folders.
+    An image without a partner of its name gives a pair with the partner missing; a folder that is None gives
+    pairs without that modality.
     """
-    rgb_names, ir_names = _image_names(rgb_dir), _image_names(ir_dir)
-    for names, folder, other, other_names in ((rgb_names, rgb_dir, ir_dir, ir_names),
-                                              (ir_names, ir_dir, rgb_dir, rgb_names)):
-        missing = sorted(set(names) - set(other_names))
-        if missing:
-            more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
-            raise PredictError(f'{os.path.join(folder, missing[0])}: missing partner {os.path.join(other, missing[0])}'
-                               f'{more}; pairs are matched by identical file name')
-    if not rgb_names:
-        raise PredictError(f'{rgb_dir}: no images ({", ".join(IMAGE_EXTENSIONS)})')
-    return [PairItem(i, Path(name).stem, os.path.join(rgb_dir, name), os.path.join(ir_dir, name))
-            for i, name in enumerate(rgb_names, start=1)]
+    rgb_names = set(_image_names(rgb_dir)) if rgb_dir else set()
+    ir_names = set(_image_names(ir_dir)) if ir_dir else set()
+    names = sorted(rgb_names | ir_names)
+    if not names:
+        folders = ' and '.join(d for d in (rgb_dir, ir_dir) if d)
+        raise PredictError(f'{folders}: no images ({", ".join(IMAGE_EXTENSIONS)})')
+    return [PairItem(i, Path(name).stem, os.path.join(rgb_dir, name) if name in rgb_names else None,
+                     os.path.join(ir_dir, name) if name in ir_names else None)
+            for i, name in enumerate(names, start=1)]
 
 
 def split_pairs(dataset) -> list[PairItem]:
@@ -117,56 +130,14 @@ def split_pairs(dataset) -> list[PairItem]:
     return items
 
 
-def category_names(coco_dataset: Optional[dict]) -> dict[int, str]:
-    """``{category id: name}`` of a COCO dict (empty when there is none)."""
-    if not coco_dataset:
-        return {}
-    return {int(c['id']): str(c.get('name', c['id'])) for c in coco_dataset.get('categories', [])}
-
-
-def config_categories(cfg) -> dict[int, str]:
-    """Category names of the val annotation file of the config's data set, or ``{}`` when it is not on disk."""
-    from datasets.layouts import resolve_layout
-    try:
-        layout = resolve_layout(cfg.dataset_file, cfg.coco_path, 'val')
-        with open(layout.annotation_file, encoding='utf-8') as f:
-            return category_names(json.load(f))
-    except (ValueError, OSError, KeyError):
-        return {}
-
-
-# ----------------------------------------------------------------------------------------------------- model
-
-def load_model(cfg, checkpoint: dict, checkpoint_path: str, device: torch.device):
-    """``(model in eval mode on device, postprocess)`` with the checkpoint's weights; a mismatch is an error."""
-    from models import build_model
-    model, _, postprocessors = build_model(cfg)
-    try:
-        model.load_state_dict(strip_module_prefix(checkpoint['model']), strict=True)
-    except RuntimeError as e:
-        first = ' '.join(str(e).strip().splitlines()[:2])[:300]
-        raise CheckpointError(f'checkpoint {checkpoint_path!r} does not fit the model of the config ({first}); '
-                              'pass the config it was trained with (-c), or omit -c to use its saved one') from None
-    return model.to(device).eval(), postprocessors['bbox']
-
-
-def read_pair(item: PairItem) -> tuple[PIL.Image.Image, PIL.Image.Image]:
-    rgb, ir = read_image(item.rgb_path), read_image(item.ir_path)
-    if rgb.size != ir.size:
+def read_pair(item: PairItem) -> tuple[Optional[PIL.Image.Image], Optional[PIL.Image.Image]]:
+    """The two images of ``item`` (None where missing); a size mismatch is an error naming both files."""
+    rgb = read_image(item.rgb_path) if item.rgb_path is not None else None
+    ir = read_image(item.ir_path) if item.ir_path is not None else None
+    if rgb is not None and ir is not None and rgb.size != ir.size:
         raise BadPairError(f'{item.rgb_path} is {rgb.width}x{rgb.height} but its partner {item.ir_path} is '
                            f'{ir.width}x{ir.height} (WxH); the pair must be registered to one size')
     return rgb, ir
-
-
-@torch.no_grad()
-def predict_batch(model, postprocess, pairs: list[tuple[PIL.Image.Image, PIL.Image.Image]], transform,
-                  device: torch.device) -> list[dict]:
-    """Detections per pair: ``{'scores' (k,), 'labels' (k,), 'boxes' (k,4) xyxy pixels of the files}`` (CPU)."""
-    samples = [transform(rgb, ir, {}) for rgb, ir in pairs]
-    samples_rgb, samples_ir, _ = collate_fn(samples)
-    outputs = model(samples_rgb.to(device), samples_ir.to(device))
-    sizes = torch.tensor([[ir.height, ir.width] for _, ir in pairs], device=device)
-    return [{k: v.cpu() for k, v in r.items()} for r in postprocess(outputs, sizes)]
 
 
 # --------------------------------------------------------------------------------------------------- drawing
@@ -177,19 +148,23 @@ def _label_box(draw: PIL.ImageDraw.ImageDraw, xy: tuple[float, float], text: str
     draw.text(xy, text, fill=(0, 0, 0), font=font)
 
 
-def draw_pair(rgb: PIL.Image.Image, ir: PIL.Image.Image, detections: dict, names: dict[int, str],
-              threshold: float, gt: Optional[dict] = None) -> PIL.Image.Image:
+def draw_pair(rgb: Optional[PIL.Image.Image], ir: Optional[PIL.Image.Image], detections: dict,
+              names: dict[int, str], threshold: float, gt: Optional[dict] = None) -> PIL.Image.Image:
     """RGB left, IR right on a ``(2 W, H)`` canvas; each box drawn on both halves.
 
-    Ground truth (green, thin) first, then detections with score >= ``threshold`` (class colour, labelled
-    ``"<name> <score>"``, label above the box or inside it at the top edge of the image).
+    A missing image (None) leaves its half black, marked ``"<modality> missing"``. Ground truth (green, thin)
+    first, then detections with score >= ``threshold`` (class colour, labelled ``"<name> <score>"``, label above
+    the box or inside it at the top edge of the image).
     """
-    width, height = ir.size
+    width, height = (ir if ir is not None else rgb).size
     canvas = PIL.Image.new('RGB', (2 * width, height))
-    canvas.paste(rgb, (0, 0))
-    canvas.paste(ir, (width, 0))
     draw = PIL.ImageDraw.Draw(canvas)
     font = PIL.ImageFont.load_default()
+    for image, left, label in ((rgb, 0, 'RGB'), (ir, width, 'thermal')):
+        if image is not None:
+            canvas.paste(image, (left, 0))
+        else:
+            draw.text((left + 4, 4), f'{label} missing', fill=(255, 255, 255), font=font)
     offsets = (0, width)
     if gt is not None:
         for box in gt['boxes'].tolist():
@@ -210,18 +185,20 @@ def draw_pair(rgb: PIL.Image.Image, ir: PIL.Image.Image, detections: dict, names
 
 # ------------------------------------------------------------------------------------------------------- run
 
-def predict(model, postprocess, items: list[PairItem], transform, device: torch.device, out_dir: str,
-            names: dict[int, str], threshold: float, batch_size: int, coco_gt=None, progress=None) -> CocoEvaluator:
+def predict(detector: Detector, items: list[PairItem], out_dir: str, names: dict[int, str], threshold: float,
+            batch_size: int, coco_gt=None, progress=None) -> CocoEvaluator:
     """Predict on ``items`` in batches; write one PNG per pair and the two JSON files into ``out_dir``.
 
     Returns a ``CocoEvaluator`` over ``coco_gt`` (an empty skeleton when None) holding every detection; call its
     ``accumulate()`` / ``summarize()`` to score them. ``progress(done, total)`` is called after each batch.
+    Pairs with a missing image are predicted without it; the caller says so (the detector's per-batch warnings
+    are silenced here).
     """
     os.makedirs(out_dir, exist_ok=True)
     images, taken = [], set()
     for item in items:
         if item.name in taken:
-            raise PredictError(f'two pairs would both be drawn to {item.name}.png ({item.rgb_path}); '
+            raise PredictError(f'two pairs would both be drawn to {item.name}.png ({item.rgb_path or item.ir_path}); '
                                'rename one of them')
         taken.add(item.name)
     evaluator = CocoEvaluator(coco_gt if coco_gt is not None else
@@ -229,15 +206,21 @@ def predict(model, postprocess, items: list[PairItem], transform, device: torch.
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         pairs = [read_pair(item) for item in batch]
-        for item, (rgb, ir), detections in zip(batch, pairs, predict_batch(model, postprocess, pairs, transform,
-                                                                               device)):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', MissingModalityWarning)
+            results = detector.predict([rgb for rgb, _ in pairs], [ir for _, ir in pairs], score_threshold=0.0,
+                                       batch_size=batch_size)
+        for item, (rgb, ir), detections in zip(batch, pairs, results):
+            width, height = (ir if ir is not None else rgb).size
             gt = None
             if item.annotations is not None:
-                gt = boxes_to_target(item.annotations, item.image_id, ir.width, ir.height)
+                gt = boxes_to_target(item.annotations, item.image_id, width, height)
             draw_pair(rgb, ir, detections, names, threshold, gt).save(os.path.join(out_dir, f'{item.name}.png'))
-            images.append({'id': item.image_id, 'file_name': os.path.basename(item.rgb_path),
-                           'file_name_IR': os.path.basename(item.ir_path), 'width': ir.width, 'height': ir.height})
-            evaluator.update({item.image_id: detections})
+            images.append({'id': item.image_id,
+                           'file_name': os.path.basename(item.rgb_path) if item.rgb_path else None,
+                           'file_name_IR': os.path.basename(item.ir_path) if item.ir_path else None,
+                           'width': width, 'height': height})
+            evaluator.update({item.image_id: {k: detections[k] for k in ('scores', 'labels', 'boxes')}})
         if progress is not None:
             progress(min(start + batch_size, len(items)), len(items))
     evaluator.write_results(os.path.join(out_dir, 'detections.json'))
@@ -257,10 +240,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config_file', '-c', help="model config; default: the config saved in the checkpoint")
     parser.add_argument('--checkpoint', required=True, help='checkpoint written by main.py (needs a "model" entry)')
     source = parser.add_argument_group('input (one of)')
-    source.add_argument('--rgb', help='one RGB image (with --ir)')
-    source.add_argument('--ir', help='its thermal partner (with --rgb)')
+    source.add_argument('--rgb', help='one RGB image (with --ir; alone: the thermal image is missing)')
+    source.add_argument('--ir', help='its thermal partner (with --rgb; alone: the RGB image is missing)')
     source.add_argument('--rgb-dir', help='folder of RGB images (with --ir-dir); pairs share the file name')
-    source.add_argument('--ir-dir', help='folder of thermal images (with --rgb-dir)')
+    source.add_argument('--ir-dir', help='folder of thermal images (with --rgb-dir); an image without a partner '
+                                         'is predicted with the partner missing')
     source.add_argument('--split', choices=('train', 'val'), help="a split of the config's data set, with ground truth")
     source.add_argument('--coco_path', help='data root for --split (default: the config value)')
     source.add_argument('--dataset_file', help='llvip_fusion, flir_fusion or synthetic (default: the config value)')
@@ -281,10 +265,6 @@ def _check_source(args: argparse.Namespace) -> str:
     if len(chosen) != 1:
         raise PredictError('give exactly one input: --rgb A --ir B, --rgb-dir D1 --ir-dir D2, or --split val')
     mode = chosen[0]
-    if mode == 'pair' and not (args.rgb and args.ir):
-        raise PredictError('--rgb and --ir go together: give both images of the pair')
-    if mode == 'folders' and not (args.rgb_dir and args.ir_dir):
-        raise PredictError('--rgb-dir and --ir-dir go together: give both folders')
     if args.batch_size < 1:
         raise PredictError(f'--batch-size must be >= 1, got {args.batch_size}')
     return mode
@@ -293,16 +273,10 @@ def _check_source(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> CocoEvaluator:
     """Everything after parsing; returns the evaluator with the detections (scored in ``--split`` mode)."""
     mode = _check_source(args)
-    checkpoint = load_checkpoint(args.checkpoint, args.allow_unsafe_checkpoint)
     options = parse_options(args.options)
-    options.update({k: getattr(args, k) for k in ('coco_path', 'dataset_file', 'device') if getattr(args, k)})
-    if args.config_file:
-        cfg = load_config(args.config_file, options)
-    elif isinstance(checkpoint.get('config'), dict):
-        cfg = config_from_dict({**checkpoint['config'], **options}, source=f'config saved in {args.checkpoint}')
-    else:
-        raise PredictError(f'checkpoint {args.checkpoint!r} holds no config: pass the one it was trained with (-c)')
-    device = resolve_device(cfg.device)
+    options.update({k: getattr(args, k) for k in ('coco_path', 'dataset_file') if getattr(args, k)})
+    checkpoint = load_checkpoint(args.checkpoint, args.allow_unsafe_checkpoint)
+    cfg = config_for_checkpoint(checkpoint, args.checkpoint, args.config_file, options)
 
     # Inputs are checked before the model is built, so a wrong path fails at once.
     if mode == 'split':
@@ -313,14 +287,19 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
             raise PredictError(e.args[0] if e.args else repr(e)) from None
         items, names, gt_coco = split_pairs(dataset), category_names(dataset.coco.dataset), dataset.coco
     elif mode == 'pair':
-        items, names, gt_coco = single_pair(args.rgb, args.ir), config_categories(cfg), None
+        items, gt_coco = single_pair(args.rgb, args.ir), None
         read_pair(items[0])
     else:
-        items, names, gt_coco = folder_pairs(args.rgb_dir, args.ir_dir), config_categories(cfg), None
-    model, postprocess = load_model(cfg, checkpoint, args.checkpoint, device)
-    transform = make_eval_transforms(cfg.eval_size, cfg.eval_max_size)
-    evaluator = predict(model, postprocess, items, transform, device, args.out, names, args.threshold,
-                        args.batch_size, gt_coco, _print_progress if mode != 'pair' else None)
+        items, gt_coco = folder_pairs(args.rgb_dir, args.ir_dir), None
+    detector = Detector.from_config(cfg, checkpoint['model'], args.device or cfg.device,
+                                    names if mode == 'split' else None, source=args.checkpoint)
+    if mode != 'split':
+        names = detector.class_names
+    warning = missing_summary([item.missing for item in items])
+    if warning is not None:
+        print(f'warning: {warning}', file=sys.stderr)
+    evaluator = predict(detector, items, args.out, names, args.threshold, args.batch_size, gt_coco,
+                        _print_progress if mode != 'pair' else None)
     print(f'predict: {len(items)} pair(s) drawn to {args.out}/, detections in {args.out}/detections.json')
     if gt_coco is not None:
         evaluator.accumulate()

@@ -11,7 +11,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 python="${CAFF_PYTHON:-$(command -v python3.11 || command -v python3)}"
-hash="$(cat requirements.txt requirements-test.txt | sha256sum | cut -c1-16)"
+hash="$(cat requirements.txt requirements-test.txt requirements-extra.txt | sha256sum | cut -c1-16)"
 root="${CAFF_VENV_ROOT:-$HOME/.cache/caff-dino}"
 venv="$root/venv-$hash"
 
@@ -21,7 +21,7 @@ if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
     mkdir -p "$root"
     "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -r requirements.txt -r requirements-test.txt
+    "$venv/bin/python" -m pip install --quiet -r requirements.txt -r requirements-test.txt -r requirements-extra.txt
     touch "$venv/.complete"
 else
     echo "setup: reusing $venv"

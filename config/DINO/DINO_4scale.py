@@ -18,6 +18,7 @@ num_workers = 2  # data-loader workers per process; 10 in DINO
 amp = False  # mixed precision (autocast + GradScaler) on CUDA
 print_freq = 10  # iterations between progress lines
 save_checkpoint_interval = 1  # epochs between numbered checkpoints (checkpoint.pth is written every epoch)
+tensorboard = False  # also log losses, lr and AP to OUTPUT_DIR/tensorboard/ (needs the package); reference: none
 
 # Optimisation: AdamW, StepLR
 batch_size = 2  # per process; images per GPU
