@@ -26,13 +26,14 @@ FLIR, and this module returns the same pixels for them. What differs, for the fi
   values are kept as stored); `P` (palette), `CMYK`, `YCbCr`, `LAB`, `HSV` are converted to RGB by PIL.
 
 :func:`read_image` decodes a file for training; :func:`probe_image` reads what the data checks need (size after
-orientation, mode, and with ``verify`` a decoding pass that catches truncated or corrupt files, at 1/8 scale
-for JPEGs) without building the RGB image. Any unreadable file raises :class:`BadPairError` naming the file.
+orientation, mode) without building the RGB image, and with ``verify`` makes sure the pixel data is all there:
+a PNG or TIFF is decoded once; a JPEG must end with its end-of-image marker after its image data (a truncated
+JPEG is what makes PIL's decoder fail; a JPEG without the marker in its tail is decoded at 1/8 scale). Any
+unreadable file raises :class:`BadPairError` naming the file.
 """
 import math
 import struct
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import PIL.Image
@@ -47,6 +48,8 @@ SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 BIT_DEPTH_RULES = ('percentile', 'range')
 # PIL modes read as 8-bit colour or grey by PIL's own conversion (alpha, if any, dropped).
 GREY_MODES = ('1', 'L', 'LA', 'La')
+# Bytes at the end of a JPEG searched for its end-of-image marker (room for trailing data some cameras append).
+JPEG_TAIL = 1 << 16
 # Errors PIL raises for a file that is not a readable image (truncated, corrupt, unknown format, too many pixels).
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, struct.error,
                  PIL.Image.DecompressionBombError)
@@ -156,13 +159,57 @@ def _header_info(image: PIL.Image.Image) -> ImageInfo:
     return ImageInfo(width, height, image.mode, image.format or '?', orientation)
 
 
+def _jpeg_scan_start(fp) -> int | None:
+    """Offset of a JPEG's image data (just after its first start-of-scan segment), from its marker segments;
+    None when the markers do not lead there."""
+    fp.seek(0)
+    if fp.read(2) != b'\xff\xd8':
+        return None
+    while fp.read(1) == b'\xff':
+        code = fp.read(1)
+        while code == b'\xff':  # fill bytes
+            code = fp.read(1)
+        if not code:
+            return None
+        if code == b'\x01' or b'\xd0' <= code <= b'\xd7':  # markers without a length
+            continue
+        length = int.from_bytes(fp.read(2), 'big')
+        if length < 2:
+            return None
+        if code == b'\xda':
+            return fp.tell() + length - 2
+        fp.seek(length - 2, 1)
+    return None
+
+
+def _jpeg_is_complete(fp) -> bool:
+    """Whether a JPEG file has its end-of-image marker (FF D9) after the start of its image data.
+
+    A JPEG cut short loses it (a decoder then fails with "image file is truncated"), and FF D9 cannot occur
+    inside entropy-coded data, so this finds what decoding finds in a truncated file without decoding it.
+    Only the last JPEG_TAIL bytes are read; False when the marker is not there (the caller then decodes).
+    """
+    start = _jpeg_scan_start(fp)
+    end = fp.seek(0, 2)
+    found = False
+    if start is not None and start < end:
+        fp.seek(max(start, end - JPEG_TAIL))
+        found = b'\xff\xd9' in fp.read()
+    fp.seek(0)
+    return found
+
+
 def _decoded_info(image: PIL.Image.Image) -> ImageInfo:
-    """ImageInfo after decoding every pixel (JPEG at 1/8 scale: still every byte of the entropy-coded data)."""
+    """ImageInfo of a file whose pixels are all there: decoded once (PNG, TIFF, ...), or, for a JPEG, checked
+    for its end-of-image marker (and decoded at 1/8 scale when the marker is not found in its tail)."""
     width, height = image.size
     if image.format == 'PNG':
         image.load()  # its EXIF block may follow the pixel data
     declared = _orientation(image)
     if image.format == 'JPEG':
+        if _jpeg_is_complete(image.fp):
+            swap = declared in SWAPPING_ORIENTATIONS
+            return ImageInfo(height if swap else width, width if swap else height, image.mode, 'JPEG', declared)
         image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
     image.load()
     # Pillow turns a TIFF while loading it (and drops its tag); an orientation still there is ours to apply.
@@ -186,8 +233,8 @@ def _unreadable(path: str, err: BaseException) -> BadPairError:
 def probe_image(path: str, verify: bool = True) -> ImageInfo:
     """The size (after EXIF orientation), mode and format of an image file; BadPairError if it cannot be read.
 
-    With `verify` every pixel is decoded once (JPEG at 1/8 scale) so a truncated or corrupt file fails here;
-    without it only the header is read (fast, but a file cut short after its header passes).
+    With `verify` the pixel data is checked (module docstring) so a truncated or corrupt file fails here; without
+    it only the header is read (a file cut short after its header passes).
     """
     try:
         with PIL.Image.open(path) as image:

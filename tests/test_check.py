@@ -94,7 +94,8 @@ def test_json_size_of_the_unturned_image_is_explained(root):
     assert check(root).problems.counts['exif_rotated'] == 2
     edit_json(root, 'train', lambda d: d['images'][0].update(width=48, height=64))
     message = check(root).bad_pairs[1]
-    assert 'declares 48x64' in message and 'after EXIF orientation 6; the JSON gives the stored, unturned size' in message
+    assert 'declares 48x64' in message
+    assert 'after EXIF orientation 6; the JSON gives the stored, unturned size' in message
 
 
 def test_boxes_are_clipped_with_the_file_size_when_the_json_has_none(tmp_path):

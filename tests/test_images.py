@@ -213,3 +213,26 @@ def test_folder_instead_of_file(tmp_path):
     (tmp_path / 'x.png').mkdir()
     with pytest.raises(BadPairError, match='x.png: is a folder'):
         read_image(str(tmp_path / 'x.png'))
+
+
+def test_jpeg_completeness_check(tmp_path, monkeypatch):
+    """A JPEG passes when its end-of-image marker follows its image data, with or without trailing bytes;
+    an FF D9 before the image data (a comment, an EXIF thumbnail) does not make a cut file pass."""
+    from datasets import images
+    path = tmp_path / 'a.jpg'
+    rng = np.random.default_rng(2)
+    PIL.Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(
+        path, comment=b'thumbnail ends \xff\xd9 here')
+    whole = path.read_bytes()
+    assert probe_image(str(path)).size == (64, 48)
+    path.write_bytes(whole + b'\x00' * 100)  # trailing data some cameras append
+    assert probe_image(str(path)).size == (64, 48)
+    path.write_bytes(whole[:-300])
+    with pytest.raises(BadPairError, match='truncated'):
+        probe_image(str(path))
+    decoded = []
+    monkeypatch.setattr(images, 'JPEG_TAIL', 64)  # trailing data longer than the tail searched: decoded instead
+    real_load = PIL.Image.Image.load
+    monkeypatch.setattr(PIL.Image.Image, 'load', lambda self: decoded.append(1) or real_load(self))
+    path.write_bytes(whole + b'\x00' * 100)
+    assert probe_image(str(path)).size == (64, 48) and decoded

@@ -1,7 +1,6 @@
 """PairedCocoDataset: items and targets, reading bad pairs, skip-bad-pairs, adopting the data check's verdict."""
 import json
 import logging
-import re
 
 import numpy as np
 import PIL.Image
