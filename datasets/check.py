@@ -4,8 +4,9 @@ Not in the reference, which finds a bad image when the data loader reaches it (a
 whole training epoch) and reads 16-bit or rotated images wrongly without a word. For each image entry of a
 split's annotation file:
 
-- both files exist and decode (`datasets/images.py::probe_image`: the header, then every pixel once, JPEGs at
-  1/8 scale, so a truncated or corrupt file is caught), and their sizes after EXIF orientation agree;
+- both files exist and are complete (`datasets/images.py::probe_image`: the header, then the pixel data: every
+  PNG chunk's CRC, a JPEG's end-of-image marker, other formats decoded once; so a truncated or corrupt file is
+  caught), and their sizes after EXIF orientation agree;
 - the entry's `width`/`height`, when given, agree with the IR file (the size reference of a pair);
 - the annotations are normalised with the sizes of the files (`datasets/annotations.py`), so boxes outside the
   image are clipped or dropped in the training targets and the evaluation ground truth alike, and counted.
@@ -14,10 +15,10 @@ Problems are tallied by kind (`datasets/problems.py`). What a bad pair does depe
 built with `skip_bad_pairs` leaves it out (counted, first ones named); any other split stops the run with one
 DataError line before training starts.
 
-Speed: files are probed by a pool of threads (PIL decodes without the GIL), and each result is cached on disk,
-keyed by the file's absolute path, size and modification time, in one JSON file per image folder under
-``$CAFF_DATA_CHECK_CACHE`` (default ``~/.cache/caff-dino/data-check``; ``off`` disables the cache). A second
-check of unchanged files only stats them.
+Speed: files are probed by a pool of threads (PIL decodes and zlib checks CRCs without the GIL), and each result
+is cached on disk, keyed by the file's absolute path, size and modification time, in one JSON file per image
+folder under ``$CAFF_DATA_CHECK_CACHE`` (default ``~/.cache/caff-dino/data-check``; ``off`` disables the cache).
+A second check of unchanged files only stats them.
 """
 import concurrent.futures
 import hashlib

@@ -236,3 +236,24 @@ def test_jpeg_completeness_check(tmp_path, monkeypatch):
     monkeypatch.setattr(PIL.Image.Image, 'load', lambda self: decoded.append(1) or real_load(self))
     path.write_bytes(whole + b'\x00' * 100)
     assert probe_image(str(path)).size == (64, 48) and decoded
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import zlib
+    return len(data).to_bytes(4, 'big') + kind + data + zlib.crc32(kind + data).to_bytes(4, 'big')
+
+
+def test_png_damage_and_late_exif_are_found_without_decoding(tmp_path):
+    path = noisy_file(tmp_path / 'a.png')
+    whole = path.read_bytes()
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0xFF  # one byte inside the image data: its chunk's CRC no longer matches
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(BadPairError, match='a chunk fails its CRC check'):
+        probe_image(str(path))
+    exif = PIL.Image.Exif()
+    exif[ORIENTATION] = 6
+    late = whole[:-12] + png_chunk(b'eXIf', exif.tobytes()) + whole[-12:]  # after the image data, before IEND
+    path.write_bytes(late)
+    assert probe_image(str(path)).orientation == 6
+    assert probe_image(str(path)).size == read_image(str(path)).size == (48, 64)
