@@ -48,7 +48,7 @@ ORIENTATION_TAG = 274
 # Orientations 5-8 turn the stored image by 90 degrees: width and height swap.
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 BIT_DEPTH_RULES = ('percentile', 'range')
-# PIL modes read as 8-bit colour or grey by PIL's own conversion (alpha, if any, dropped).
+# 8-bit single-channel modes (an alpha channel, if any, is dropped): repeated into three equal channels.
 GREY_MODES = ('1', 'L', 'LA', 'La')
 # Bytes at the end of a JPEG searched for its end-of-image marker (room for trailing data some cameras append).
 JPEG_TAIL = 1 << 16
@@ -130,12 +130,27 @@ class ImageInfo:
         return self.width, self.height
 
 
+def _orientation_of(exif: PIL.Image.Exif) -> int:
+    value = exif.get(ORIENTATION_TAG, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _parsed_exif(data: bytes) -> PIL.Image.Exif:
+    """An EXIF block parsed from raw bytes; empty when they are not a readable EXIF block."""
+    exif = PIL.Image.Exif()
+    try:
+        if data:
+            exif.load(data)
+    except DECODE_ERRORS:
+        return PIL.Image.Exif()
+    return exif
+
+
 def _orientation(image: PIL.Image.Image) -> int:
     try:
-        value = image.getexif().get(ORIENTATION_TAG, 1)
+        return _orientation_of(image.getexif())
     except DECODE_ERRORS:
         return 1  # an unreadable EXIF block: no orientation (the pixels decide whether the file is usable)
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _stored_size(image: PIL.Image.Image) -> tuple[int, int]:
@@ -230,11 +245,7 @@ def _decoded_info(image: PIL.Image.Image) -> ImageInfo:
         exif = _png_chunks(image.fp)
         if exif is None:
             raise OSError('the PNG ends early or a chunk fails its CRC check')
-        exif_block = PIL.Image.Exif()
-        if exif:
-            exif_block.load(exif)
-        declared = exif_block.get(ORIENTATION_TAG, 1)
-        declared = declared if isinstance(declared, int) and 1 <= declared <= 8 else 1
+        declared = _orientation_of(_parsed_exif(exif))
     else:
         declared = _orientation(image)
     if image.format == 'JPEG':
@@ -293,12 +304,20 @@ def to_rgb(image: PIL.Image.Image, bit_depth: BitDepthRule = DEFAULT_BIT_DEPTH) 
     return image.convert('RGB')
 
 
+def _upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A copy of a loaded image turned by its EXIF orientation (as it is, when its EXIF block is unreadable)."""
+    try:
+        return PIL.ImageOps.exif_transpose(image)
+    except DECODE_ERRORS:
+        return image.copy()
+
+
 def read_image(path: str, bit_depth: BitDepthRule = DEFAULT_BIT_DEPTH) -> PIL.Image.Image:
     """Decodes an image file as 8-bit RGB, EXIF orientation applied (module docstring); BadPairError if unusable."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            oriented = PIL.ImageOps.exif_transpose(image)
+            oriented = _upright(image)
     except DECODE_ERRORS as err:
         raise _unreadable(path, err) from None
     try:

@@ -257,3 +257,12 @@ def test_png_damage_and_late_exif_are_found_without_decoding(tmp_path):
     path.write_bytes(late)
     assert probe_image(str(path)).orientation == 6
     assert probe_image(str(path)).size == read_image(str(path)).size == (48, 64)
+
+
+def test_unreadable_exif_block_means_no_orientation(tmp_path):
+    path = tmp_path / 'a.png'
+    PIL.Image.fromarray(quadrants()).save(path)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-12] + png_chunk(b'eXIf', b'MM\x00*garbage') + whole[-12:])
+    assert probe_image(str(path)).orientation == 1
+    assert np.array_equal(np.asarray(read_image(str(path))), quadrants())
