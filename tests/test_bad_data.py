@@ -11,6 +11,7 @@ Each test writes a small clean LLVIP-layout data set (tests/pair_fixtures.py), b
 """
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -20,7 +21,7 @@ import main
 from pair_fixtures import edit_json, image_path, split_paths, write_llvip
 from tools import check_dataset
 
-TINY = 'config/DINO/CAFF_tiny.py'
+TINY = str(Path(__file__).resolve().parents[1] / 'config' / 'DINO' / 'CAFF_tiny.py')
 # Keeps a one-epoch run of the tiny model at a few seconds (only the test that trains uses them).
 FAST = ['msda_backend=pytorch', 'batch_size=2', 'eval_size=48', 'eval_max_size=64', 'data_aug_scales=[48]',
         'data_aug_max_size=64', 'data_aug_scales2_resize=[48]', 'data_aug_scales2_crop=[32,48]', 'num_queries=10',
@@ -409,3 +410,20 @@ def test_messy_data_set_trains_end_to_end(tmp_path):
     assert 'skipping bad pair' not in log  # left out before training: the loader never met it
     detections = json.loads((tmp_path / 'out' / 'detections_bbox.json').read_text())
     assert detections and {d['image_id'] for d in detections} <= {1, 2}
+
+
+@pytest.mark.slow
+def test_bad_val_pair_under_torchrun_stops_every_rank(root, tmp_path):
+    """Rank 0 checks, both ranks get its verdict and stop before training: no rank waits for the other."""
+    import os
+    import subprocess
+    import sys
+    image_path(root, 'val', 'ir', 2).write_bytes(b'junk')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(main.__file__), *main_args(root, tmp_path), '--device', 'cpu'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if 'error: ' in line]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    assert all('in the val split' in line and 'infrared/test/000002.png: unreadable' in line for line in errors)
+    assert not (tmp_path / 'out' / 'checkpoint.pth').exists()
