@@ -109,12 +109,14 @@ def check_run_options(args: argparse.Namespace, output_dir: str) -> None:
 
 def make_loaders(cfg, distributed: bool):
     from datasets import BadPairError, build_dataset
+    from datasets.check import check_before_training
     try:
         dataset_train = build_dataset('train', cfg)
         dataset_val = build_dataset('val', cfg)
     except (ValueError, KeyError, FileNotFoundError, BadPairError) as e:
         # datasets/ raises these with a message naming the file or key; here they are the user's data problem.
         raise DataError(e.args[0] if e.args else repr(e)) from None
+    check_before_training({'train': dataset_train, 'val': dataset_val})
     if len(dataset_train) < cfg.batch_size * dist.get_world_size():
         raise UsageError(f'the train split has {len(dataset_train)} image pairs, fewer than one batch of '
                          f'batch_size={cfg.batch_size} per process; lower batch_size or add data')

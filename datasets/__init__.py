@@ -5,6 +5,7 @@ LLVIP layout written by `datasets/synthetic.py`) and `kaist_fusion` (KAIST in th
 `datasets/kaist.py`). Unlike the reference, the augmentation keys of the config are
 used (the reference ignores them and hard-codes the same COCO values).
 """
+from datasets.images import BitDepthRule
 from datasets.kaist import KaistDataset
 from datasets.layouts import DATASET_FILES, resolve_layout
 from datasets.pairs import BadPairError, PairedCocoDataset
@@ -18,7 +19,8 @@ def build_dataset(image_set: str, cfg) -> PairedCocoDataset:
 
     Train: the reference augmentation recipe with the `data_aug_*` scales and `strong_aug`; bad pairs are
     skipped when `skip_bad_pairs`. Val: resize to `eval_size` (long side <= `eval_max_size`); a bad pair
-    always raises, so evaluation never drops an image.
+    always raises, so evaluation never drops an image. Both: images wider than 8 bits are mapped to 0..255 by
+    `high_bit_depth_rule` / `high_bit_depth_limits` (datasets/images.py).
     """
     layout = resolve_layout(cfg.dataset_file, cfg.coco_path, image_set)
     if image_set == 'train':
@@ -29,7 +31,8 @@ def build_dataset(image_set: str, cfg) -> PairedCocoDataset:
     dataset_class = KaistDataset if cfg.dataset_file == 'kaist_fusion' else PairedCocoDataset
     return dataset_class(layout.rgb_dir, layout.ir_dir, layout.annotation_file, cfg.num_classes,
                          transforms=transforms, pair_names=layout.pair_names,
-                         skip_bad_pairs=bool(cfg.skip_bad_pairs) and image_set == 'train')
+                         skip_bad_pairs=bool(cfg.skip_bad_pairs) and image_set == 'train',
+                         bit_depth=BitDepthRule(cfg.high_bit_depth_rule, cfg.high_bit_depth_limits))
 
 
 def build_benchmark_evaluator(dataset):

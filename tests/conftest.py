@@ -1,5 +1,6 @@
 """Fixtures shared by every test module (the repo root is on sys.path through pytest.ini's `pythonpath = .`)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,19 @@ MANIFESTS = REPO_ROOT / 'tests' / 'data' / 'reference_manifests'
 @pytest.fixture(scope='session')
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope='session', autouse=True)
+def data_check_cache(tmp_path_factory):
+    """The data check's cache (datasets/check.py, $CAFF_DATA_CHECK_CACHE) lives in the session's tmp dir, never in
+    ~/.cache; subprocesses inherit it. Tests of the cache itself point the variable at their own tmp_path."""
+    previous = os.environ.get('CAFF_DATA_CHECK_CACHE')
+    os.environ['CAFF_DATA_CHECK_CACHE'] = str(tmp_path_factory.mktemp('data_check_cache'))
+    yield
+    if previous is None:
+        os.environ.pop('CAFF_DATA_CHECK_CACHE', None)
+    else:
+        os.environ['CAFF_DATA_CHECK_CACHE'] = previous
 
 
 @pytest.fixture

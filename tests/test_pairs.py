@@ -1,14 +1,15 @@
-"""PairedCocoDataset and annotation normalising: community JSON quirks, bad input, skip-bad-pairs."""
+"""PairedCocoDataset: items and targets, reading bad pairs, skip-bad-pairs, adopting the data check's verdict."""
 import json
 import logging
-import re
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
-from datasets.pairs import BadPairError, PairedCocoDataset, load_annotations, map_image_ids
+from datasets.annotations import load_annotations
+from datasets.images import BitDepthRule
+from datasets.pairs import BadPairError, PairedCocoDataset
 
 
 def write_images(root, name, size=(40, 30), ir_size=None, rgb=True, ir=True):
@@ -58,15 +59,6 @@ def test_item_is_rgb_ir_and_target_in_pixels(tmp_path):
     assert ds.ids == [7] and ds.image_id_map is None
 
 
-def test_zero_based_ids_are_accepted_and_annotation_ids_renumbered(tmp_path):
-    data = coco([img(0, 'a.png'), img(1, 'b.png')], [ann(0, [1, 1, 5, 5], 0, id=0), ann(1, [2, 2, 4, 4], 0, id=1)],
-                categories=[{'id': 0, 'name': 'person'}])
-    ds = PairedCocoDataset(*make_split(tmp_path, data), num_classes=2)
-    assert ds[0][2]['labels'].tolist() == [0] and ds[0][2]['image_id'] == 0
-    assert sorted(ds.coco.anns) == [1, 2]  # pycocotools treats a ground-truth id 0 as "no match"
-    assert ds.coco.getCatIds() == [0]
-
-
 def test_string_image_ids_map_to_ints_and_the_mapping_is_kept(tmp_path):
     data = coco([img('010001', 'a.png'), img('010002', 'b.png')], [ann('010002', [1, 1, 5, 5], id=1)])
     ds = PairedCocoDataset(*make_split(tmp_path, data), num_classes=2)
@@ -74,14 +66,6 @@ def test_string_image_ids_map_to_ints_and_the_mapping_is_kept(tmp_path):
     assert ds.ids == [10001, 10002]
     assert ds[1][2]['image_id'] == 10002 and ds[1][2]['labels'].tolist() == [1]
     assert sorted(ds.coco.imgs) == [10001, 10002]
-
-
-def test_non_numeric_string_ids_map_to_positions():
-    assert map_image_ids(['night_a', 'night_b'], 'f.json') == {'night_a': 1, 'night_b': 2}
-    assert map_image_ids(['1', '01'], 'f.json') == {'1': 1, '01': 2}  # same integer value: positional
-    assert map_image_ids([3, 5], 'f.json') is None
-    with pytest.raises(ValueError, match='f.json: duplicate image ids'):
-        map_image_ids([3, 3], 'f.json')
 
 
 def test_int_boxes_become_float_and_partly_outside_boxes_are_clipped(tmp_path):
@@ -113,78 +97,11 @@ def test_images_without_annotations_are_kept_as_negatives(tmp_path):
     assert target['boxes'].shape == (0, 4) and target['labels'].shape == (0,) and target['labels'].dtype == torch.int64
 
 
-def test_extra_annotation_fields_are_ignored(tmp_path):
-    data = coco([img(1, 'a.png')], [ann(1, [1, 1, 5, 5], visibility='ir', id=1)])
-    ds = PairedCocoDataset(*make_split(tmp_path, data), num_classes=2)
-    assert ds[0][2]['labels'].tolist() == [1] and ds.coco.anns[1]['visibility'] == 'ir'
-
-
-def test_missing_categories_are_derived_from_annotations(tmp_path):
-    data = {'images': [img(1, 'a.png')], 'annotations': [ann(1, [1, 1, 5, 5], 2)]}
-    ds = PairedCocoDataset(*make_split(tmp_path, data), num_classes=3)
-    assert ds.coco.getCatIds() == [2]
-
-
-def test_listed_categories_outside_the_head_are_left_out_when_unused(tmp_path):
-    data = coco([img(1, 'a.png')], [ann(1, [1, 1, 5, 5], 1)],
-                categories=[{'id': 1, 'name': 'person'}, {'id': 3, 'name': 'car'}, {'id': 90, 'name': 'toothbrush'}])
-    ds = PairedCocoDataset(*make_split(tmp_path, data), num_classes=4)
-    assert ds.coco.getCatIds() == [1, 3]
-
-
-@pytest.mark.parametrize('category_id', [91, -1])
-def test_category_id_outside_head_is_an_error_naming_id_and_file(tmp_path, category_id):
-    args = make_split(tmp_path, coco([img(1, 'a.png')], [ann(1, [1, 1, 5, 5], category_id)]))
-    with pytest.raises(ValueError, match=rf'ann.json.*category_id {category_id}.*num_classes=91'):
-        PairedCocoDataset(*args, num_classes=91)
-
-
-@pytest.mark.parametrize('data, message', [
-    ({'annotations': []}, r"missing top-level key\(s\) \['images'\]"),
-    ({'images': [{'file_name': 'a.png'}], 'annotations': []}, r"images\[0\] lacks key\(s\) \['id'\]"),
-    ({'images': [img(1, 'a.png')], 'annotations': [{'image_id': 1, 'category_id': 1}]},
-     r"annotations\[0\].*lacks key\(s\) \['bbox'\]"),
-    ({'images': [img(1, 'a.png')], 'annotations': [ann(1, [1, 1, 5])]}, r'has bbox \[1, 1, 5\]'),
-    ({'images': [img(1, 'a.png')], 'annotations': [ann(9, [1, 1, 5, 5])]}, r'image_id 9, which is not in'),
-    ({'images': [img(1, 'a.png')], 'annotations': [ann(1, [1, 1, 5, 5], 'person')]}, r"category_id 'person'"),
-    ({'images': [{'id': 1}], 'annotations': []}, r"images\[0\] \(id 1\).*'file_name'"),
-])
-def test_malformed_annotation_file_errors_name_the_file(tmp_path, data, message):
-    path = tmp_path / 'bad.json'
-    path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match='bad.json') as info:
-        load_annotations(str(path), num_classes=3)
-    assert re.search(message, str(info.value)), str(info.value)
-
-
-def test_invalid_json_names_the_file(tmp_path):
-    path = tmp_path / 'broken.json'
-    path.write_text('{"images": [')
-    with pytest.raises(ValueError, match='broken.json: not valid JSON'):
-        load_annotations(str(path), num_classes=3)
-
-
-def test_missing_ir_partner_raises_naming_the_file(tmp_path):
-    args = make_split(tmp_path, coco([img(1, 'a.png'), img(2, 'b.png')], []))
-    (tmp_path / 'infrared' / 'b.png').unlink()
-    with pytest.raises(BadPairError, match=r'infrared/b.png: missing partner of .*visible/b.png'):
-        PairedCocoDataset(*args, num_classes=2)
-
-
-def test_missing_partner_is_skipped_and_counted_when_allowed(tmp_path, caplog):
-    args = make_split(tmp_path, coco([img(1, 'a.png'), img(2, 'b.png')], []))
-    (tmp_path / 'infrared' / 'b.png').unlink()
-    with caplog.at_level(logging.WARNING, logger='caff_dino.datasets'):
-        ds = PairedCocoDataset(*args, num_classes=2, skip_bad_pairs=True)
-    assert ds.ids == [1]
-    assert 'skipped 1 of 2 pairs' in caplog.text
-
-
 def test_corrupt_image_raises_naming_the_file(tmp_path):
     args = make_split(tmp_path, coco([img(1, 'a.png')], []))
     (tmp_path / 'visible' / 'a.png').write_bytes(b'not a png at all')
     ds = PairedCocoDataset(*args, num_classes=2)
-    with pytest.raises(BadPairError, match=r'visible/a.png: unreadable or corrupt image'):
+    with pytest.raises(BadPairError, match=r'visible/a.png: unreadable, truncated or corrupt image'):
         ds[0]
 
 
@@ -194,7 +111,7 @@ def test_truncated_image_raises_naming_the_file(tmp_path):
     noisy = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
     PIL.Image.fromarray(noisy).save(path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(BadPairError, match=r'infrared/a.png: unreadable or corrupt image'):
+    with pytest.raises(BadPairError, match=r'infrared/a.png: unreadable, truncated or corrupt image'):
         PairedCocoDataset(*args, num_classes=2)[0]
 
 
@@ -234,3 +151,57 @@ def test_transforms_receive_the_pair_and_target(tmp_path):
                            num_classes=2, transforms=record)
     assert ds[0][:2] == ('rgb', 'ir')
     assert seen[0][0] == seen[0][1] == (40, 30) and seen[0][2].tolist() == [[1, 2, 4, 6]]
+
+
+def test_missing_file_is_found_when_the_item_is_read(tmp_path):
+    args = make_split(tmp_path, coco([img(1, 'a.png'), img(2, 'b.png')], []))
+    (tmp_path / 'infrared' / 'b.png').unlink()
+    ds = PairedCocoDataset(*args, num_classes=2)  # building reads only the annotation file
+    assert len(ds) == 2
+    with pytest.raises(BadPairError, match=r'infrared/b.png: file not found'):
+        ds[1]
+
+
+def test_category_error_raises_when_the_dataset_is_built(tmp_path):
+    args = make_split(tmp_path, coco([img(1, 'a.png')], [ann(1, [1, 1, 5, 5], 5)]))
+    with pytest.raises(ValueError, match=r'ann.json: annotations\[0\] has category_id 5, outside \[0, 1\]'):
+        PairedCocoDataset(*args, num_classes=2)
+
+
+def test_empty_images_list_is_an_error(tmp_path):
+    args = make_split(tmp_path, coco([], []))
+    with pytest.raises(BadPairError, match='"images" is empty'):
+        PairedCocoDataset(*args, num_classes=2)
+
+
+def test_use_check_adopts_checked_ground_truth_and_leaves_pairs_out(tmp_path):
+    data = coco([img(1, 'a.png'), img(2, 'b.png'), img(3, 'c.png')], [ann(1, [-5, 0, 50, 10], id=1)])
+    args = make_split(tmp_path, data)
+    ds = PairedCocoDataset(*args, num_classes=2)
+    assert ds.coco.anns[1]['bbox'] == [0.0, 0.0, 45.0, 10.0]  # no size in the JSON: only the left side is known
+    checked = load_annotations(args[2], 2, image_sizes={1: (40, 30), 2: (40, 30), 3: (40, 30)})
+    ds.use_check(checked, {2: 'b.png: corrupt'})
+    assert ds.ids == [1, 3] and ds.left_out == {2: 'b.png: corrupt'}
+    assert ds.coco.anns[1]['bbox'] == [0.0, 0.0, 40.0, 10.0]  # the evaluation ground truth = the training target
+    assert ds[0][2]['boxes'].tolist() == [[0, 0, 40, 10]]
+    with pytest.raises(BadPairError, match='every image pair is unusable'):
+        ds.use_check(checked, {1: 'x', 2: 'y', 3: 'z'})
+
+
+def test_sixteen_bit_thermal_pair_reads_with_the_configured_rule(tmp_path):
+    args = make_split(tmp_path, coco([img(1, 'a.png')], []), ir=False)
+    counts = np.tile(np.linspace(1000, 5000, 40), (30, 1)).astype(np.uint16)
+    PIL.Image.fromarray(counts).save(tmp_path / 'infrared' / 'a.png')
+    ir = np.asarray(PairedCocoDataset(*args, num_classes=2)[0][1])
+    assert ir[0, 0].tolist() == [0, 0, 0] and ir[0, -1].tolist() == [255, 255, 255]
+    fixed = PairedCocoDataset(*args, num_classes=2, bit_depth=BitDepthRule('range', [0, 10000]))
+    assert np.asarray(fixed[0][1])[0, -1].tolist() == [128, 128, 128]  # 5000 of 0..10000
+
+
+def test_exif_rotated_rgb_pairs_with_its_ir_partner(tmp_path):
+    args = make_split(tmp_path, coco([img(1, 'a.jpg')], [ann(1, [2, 3, 10, 5], id=1)]), rgb=False)
+    exif = PIL.Image.Exif()
+    exif[274] = 6  # stored 30 wide, 40 tall; displayed turned 90 degrees clockwise: 40x30, like the IR image
+    PIL.Image.new('RGB', (30, 40), (200, 30, 30)).save(tmp_path / 'visible' / 'a.jpg', exif=exif.tobytes())
+    rgb, ir, target = PairedCocoDataset(*args, num_classes=2)[0]
+    assert rgb.size == ir.size == (40, 30) and target['boxes'].tolist() == [[2, 3, 12, 8]]

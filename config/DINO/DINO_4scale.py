@@ -8,7 +8,12 @@ _base_ = ['coco_transformer.py']
 # Data
 dataset_file = 'llvip_fusion'  # 'llvip_fusion', 'flir_fusion', 'synthetic' or 'kaist_fusion' (scored by MR^-2 too)
 coco_path = ''  # dataset root, usually given with --coco_path
-skip_bad_pairs = False  # skip a pair whose images cannot be read or differ in size, instead of raising
+skip_bad_pairs = False  # leave unusable training pairs out (counted, named) instead of stopping; never for val
+# Images wider than 8 bits (16-bit PNG/TIFF 'I;16', 32-bit 'I', float 'F': raw thermal frames) -> 0..255. Not in
+# the reference, whose PIL .convert('RGB') clips them (a 16-bit frame turns white). 8-bit images are unchanged.
+high_bit_depth_rule = 'percentile'  # 'percentile': per image, the two limit percentiles -> 0 and 255; 'range':
+# the two limits are raw values -> 0 and 255 for every image (one grey level per raw value, e.g. a temperature)
+high_bit_depth_limits = [1.0, 99.0]  # [low, high]: percentiles for 'percentile', raw values for 'range'
 
 # Run
 output_dir = 'outputs/caff_dino'
