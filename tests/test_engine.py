@@ -98,19 +98,6 @@ def test_amp_bf16_on_cpu_trains_with_finite_loss(setup):
     assert math.isfinite(stats['loss'])
 
 
-def test_ema_averages_each_shared_weight_once():
-    layer = torch.nn.Linear(2, 2)
-    model = torch.nn.ModuleDict({'head': layer, 'alias': torch.nn.ModuleList([layer])})
-    ema = ModelEma(model, decay=0.75)
-    old = layer.weight.detach().clone()
-    with torch.no_grad():
-        layer.weight.add_(4.0)
-    ema.update(model)
-    assert torch.allclose(ema.module['head'].weight, old + 1.0)
-    assert ema.module['alias'][0].weight is ema.module['head'].weight
-    assert not ema.module['head'].weight.requires_grad
-
-
 def test_train_one_epoch_updates_the_ema(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
