@@ -88,15 +88,15 @@ def non_finite_outputs(outputs: dict) -> list[str]:
     return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
-def check_outputs(outputs: dict, epoch: int, step: int) -> None:
+def check_outputs(outputs: dict, epoch: int, step: int, lr: float) -> None:
     """Raise ``NonFiniteLossError`` on every rank when any rank's model outputs hold a NaN or an infinity."""
     bad = non_finite_outputs(outputs)
     error = None
     if bad:
         error = NonFiniteLossError(
             f'the model outputs are not finite at epoch {epoch}, step {step} ({len(bad)} tensors, e.g. '
-            f'{", ".join(bad[:3])}); training stopped before the loss. The weights diverged: lower lr, keep '
-            'clip_max_norm > 0, or check the data')
+            f'{", ".join(bad[:3])}); training stopped before the loss. The weights diverged (lr {lr:g}): lower '
+            'lr, keep clip_max_norm > 0, or check the data')
     dist.raise_together(error)
 
 
@@ -149,7 +149,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         with _autocast(device, amp):
             outputs = model(samples_rgb, samples_ir, targets)
         outputs = _float32(outputs)
-        check_outputs(outputs, epoch, step)
+        check_outputs(outputs, epoch, step, optimizer.param_groups[0]['lr'])
         loss_dict = criterion(outputs, targets)
         losses = weighted_loss(loss_dict, weight_dict)
 

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from collections import Counter
@@ -136,13 +137,14 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+        unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if unsupported:
             raise CheckpointError(
-                f'checkpoint {path!r} contains objects outside the weights-only allow-list ({reason}); if you '
-                'trust the file, pass --allow_unsafe_checkpoint') from None
-        raise CheckpointError(f'checkpoint {path!r} is unreadable ({reason}): is it a torch checkpoint?') from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+                f'checkpoint {path!r} contains objects outside the weights-only allow-list ({unsupported.group(1)}); '
+                'if you trust the file, pass --allow_unsafe_checkpoint') from None
+        raise CheckpointError(f'checkpoint {path!r} is unreadable: the file is not a torch checkpoint') from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            zipfile.BadZipFile) as e:  # what torch / pickle raise on foreign or cut bytes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f'checkpoint {path!r} is unreadable ({reason}): the file is truncated or not a torch checkpoint') from None

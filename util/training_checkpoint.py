@@ -118,6 +118,28 @@ def apply_hyperparameters(optimizer, lr_scheduler, config: dict) -> None:
         group['weight_decay'] = config['weight_decay']
 
 
+def _mismatch(expected: dict, saved: dict) -> str:
+    """How the keys and shapes of ``saved`` differ from ``expected`` ('' when they agree), e.g. ``'2 keys missing
+    (conv_corr.0.x, ...), 1 of another shape (label_enc.weight [4, 32] vs [3, 32])'``."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [k for k in expected if k in saved and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    if not missing and not unexpected and not shapes:
+        return ''
+    if len(missing) == len(expected):
+        return f'it holds none of the model\'s keys (its keys: {", ".join(list(saved)[:3])}, ...)'
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} keys missing ({", ".join(missing[:2])}, ...)')
+    if unexpected:
+        parts.append(f'{len(unexpected)} keys the model lacks ({", ".join(unexpected[:2])}, ...)')
+    if shapes:
+        key = shapes[0]
+        parts.append(f'{len(shapes)} of another shape ({key} {list(saved[key].shape)} vs '
+                     f'{list(expected[key].shape)})')
+    return ', '.join(parts)
+
+
 def resume_training(path: str, model: nn.Module, config: dict, optimizer=None, lr_scheduler=None, ema=None,
                     allow_unsafe: bool = False) -> ResumeState:
     """``--resume``: restore the model strictly and, when given, optimizer, scheduler and EMA; then apply
@@ -128,13 +150,12 @@ def resume_training(path: str, model: nn.Module, config: dict, optimizer=None, l
     fine-tuning: ``--pretrain_model_path`` is), or when the optimiser state does not fit.
     """
     checkpoint = load_checkpoint(path, allow_unsafe)
-    try:
-        unwrap_model(model).load_state_dict(strip_module_prefix(checkpoint['model']), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f'--resume {path!r} does not match the model ({" ".join(first[:2])[:300]}); was it saved with '
-            'another config? Use --pretrain_model_path to fine-tune from it instead') from None
+    saved = strip_module_prefix(checkpoint['model'])
+    mismatch = _mismatch(unwrap_model(model).state_dict(), saved)
+    if mismatch:
+        raise CheckpointError(f'--resume {path!r} does not match the model ({mismatch}); was it saved with another '
+                              'config? Resume with that config, or use --pretrain_model_path to fine-tune from it')
+    unwrap_model(model).load_state_dict(saved, strict=True)
     state = ResumeState(best=_load_best(checkpoint), rng_state=checkpoint.get('rng_state'))
     state.changes = [f'{key}: {old!r} -> {new!r}' for key, old, new in config_changes(saved_config(checkpoint),
                                                                                         config)]
