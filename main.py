@@ -58,7 +58,7 @@ from util.logger import setup_logger
 from util.misc import collate_fn
 from util.optim import ModelEma, param_groups
 from util.rng import capture_rng_state, restore_rng_state, seed_everything
-from util.training_checkpoint import Best, ResumeState, build_training_checkpoint, resume_training
+from util.training_checkpoint import ResumeState, build_training_checkpoint, resume_training
 
 # CLI flags that are config keys: given on the command line they override the config value.
 CONFIG_OVERRIDES = ('dataset_file', 'coco_path', 'output_dir', 'device', 'seed', 'num_workers', 'amp')

@@ -298,7 +298,8 @@ def test_coco_path_that_does_not_exist(capsys, tmp_path, cli):
 
 
 def test_fewer_pairs_than_one_batch(capsys, data_root, tmp_path, cli):
-    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=['batch_size=8']), 'batch_size=8', '4 image pairs')
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=['batch_size=8']), 'batch_size=8',
+                       '4 image pairs')
 
 
 def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_path, cli, monkeypatch):

@@ -99,7 +99,8 @@ def test_a_surplus_group_without_state_is_dropped_one_with_state_is_an_error():
 
 
 def test_group_sizes_and_state_shapes_must_fit():
-    _, reordered = stepped(lambda n: [{'params': [n.head.bias, n.head.weight]}, {'params': list(n.backbone.parameters())}])
+    _, reordered = stepped(lambda n: [{'params': [n.head.bias, n.head.weight]},
+                                      {'params': list(n.backbone.parameters())}])
     with pytest.raises(OptimizerStateError, match='parameter order differs'):
         load_optimizer_state(torch.optim.AdamW(param_groups(Net(), 1e-3, 1e-4), lr=1e-3), reordered.state_dict())
     _, one = stepped(lambda n: [{'params': list(n.parameters())}])

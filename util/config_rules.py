@@ -210,7 +210,7 @@ CROSS_RULES: tuple[Cross, ...] = (
           'two_stage_*_embed_share=True needs dec_pred_bbox_embed_share and dec_pred_class_embed_share True (the '
           'encoder heads share the one decoder head)'),
     Cross(('use_checkpoint', 'backbone', 'backbone_ir'),
-          lambda c: not c['use_checkpoint'] or (c['backbone'] in _SWIN and (c['backbone_ir'] or c['backbone']) in _SWIN),
+          lambda c: not c['use_checkpoint'] or {c['backbone'], c['backbone_ir'] or c['backbone']} <= set(_SWIN),
           'use_checkpoint=True (gradient checkpointing) is implemented for Swin backbones only: set it False or '
           'use swin_* backbones'),
     Cross(('dilation', 'backbone', 'backbone_ir'),
