@@ -28,17 +28,11 @@ def data_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope='module')
-def string_id_root(tmp_path_factory) -> str:
+def string_id_root(tmp_path_factory, string_image_ids) -> str:
     """A synthetic set whose validation annotation file names its images with strings ('frame-<n>')."""
     root = tmp_path_factory.mktemp('string_ids')
     generate_synthetic_dataset(str(root), num_train=4, num_val=3, width=128, height=96)
-    path = root / 'coco_annotations' / 'LLVIP_test.json'
-    coco = json.loads(path.read_text())
-    for image in coco['images']:
-        image['id'] = f'frame-{image["id"]}'
-    for annotation in coco['annotations']:
-        annotation['image_id'] = f'frame-{annotation["image_id"]}'
-    path.write_text(json.dumps(coco))
+    string_image_ids(root, 'frame-{}')
     return str(root)
 
 

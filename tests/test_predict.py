@@ -175,16 +175,10 @@ def test_input_modes_are_exclusive(workspace, tmp_path, capsys):
     assert 'exactly one input' in capsys.readouterr().err
 
 
-def test_split_mode_keeps_string_image_ids(workspace, tmp_path):
+def test_split_mode_keeps_string_image_ids(workspace, tmp_path, string_image_ids):
     data = tmp_path / 'string_ids'
     generate_synthetic_dataset(str(data), num_train=3, num_val=2, width=WIDTH, height=HEIGHT)
-    path = data / 'coco_annotations' / 'LLVIP_test.json'
-    coco = json.loads(path.read_text())
-    for entry in coco['images']:
-        entry['id'] = f'night-{entry["id"]:03d}'
-    for annotation in coco['annotations']:
-        annotation['image_id'] = f'night-{annotation["image_id"]:03d}'
-    path.write_text(json.dumps(coco))
+    string_image_ids(data, 'night-{:03d}')
     out = tmp_path / 'out'
     assert predict.main(_common(workspace, out) + ['--split', 'val', '--coco_path', str(data)]) == 0
     assert {r['image_id'] for r in _results(out)} == {'night-001', 'night-002'}

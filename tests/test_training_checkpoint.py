@@ -171,15 +171,21 @@ def moments_by_name(model, optimizer) -> dict:
     return {names[id(p)]: s['exp_avg'] for p, s in optimizer.state.items()}
 
 
-def test_a_reference_training_checkpoint_resumes_here(tmp_path, frozen_cfg):
+def write_reference_checkpoint(cfg, path: Path):
+    """One reference training step and epoch, saved as the reference saves; returns its model and optimizer."""
     seed_everything(0)
-    ref_model, criterion, ref_opt, ref_sched = reference_run(frozen_cfg)
+    ref_model, criterion, ref_opt, ref_sched = reference_run(cfg)
     train_step(ref_model, criterion, ref_opt)
     ref_sched.step()
-    path = tmp_path / 'reference_checkpoint.pth'
     torch.save({'model': ref_model.state_dict(), 'optimizer': ref_opt.state_dict(),
-                'lr_scheduler': ref_sched.state_dict(), 'epoch': 0,
-                'args': argparse.Namespace(**frozen_cfg.to_dict())}, path)
+                'lr_scheduler': ref_sched.state_dict(), 'epoch': 0, 'args': argparse.Namespace(**cfg.to_dict())},
+               path)
+    return ref_model, ref_opt
+
+
+def test_a_reference_training_checkpoint_resumes_here(tmp_path, frozen_cfg):
+    path = tmp_path / 'reference_checkpoint.pth'
+    ref_model, ref_opt = write_reference_checkpoint(frozen_cfg, path)
 
     model, criterion, optimizer, scheduler = our_run(frozen_cfg)
     state = resume_training(str(path), model, frozen_cfg.to_dict(), optimizer, scheduler)
@@ -216,14 +222,8 @@ def test_the_reference_resumes_a_checkpoint_written_here(tmp_path, frozen_cfg):
 def test_main_resume_of_a_reference_checkpoint_continues_training(tmp_path, frozen_cfg, tiny_run_options):
     data = tmp_path / 'data'
     generate_synthetic_dataset(str(data), num_train=4, num_val=2, width=128, height=96)
-    seed_everything(0)
-    ref_model, criterion, ref_opt, ref_sched = reference_run(frozen_cfg)
-    train_step(ref_model, criterion, ref_opt)
-    ref_sched.step()
     path = tmp_path / 'reference_checkpoint.pth'
-    torch.save({'model': ref_model.state_dict(), 'optimizer': ref_opt.state_dict(),
-                'lr_scheduler': ref_sched.state_dict(), 'epoch': 0,
-                'args': argparse.Namespace(**frozen_cfg.to_dict())}, path)
+    write_reference_checkpoint(frozen_cfg, path)
     out = tmp_path / 'out'
     argv = ['-c', str(REPO / 'config/DINO/CAFF_tiny.py'), '--coco_path', str(data), '--output_dir', str(out),
             '--resume', str(path), '--options', *tiny_run_options, 'freeze_backbones=True', 'epochs=2']
