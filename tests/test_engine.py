@@ -1,6 +1,7 @@
 """engine.py with the real tiny CAFF-DINO: a training epoch updates the model, evaluation gives COCO numbers and a
 results file, non-finite outputs or loss stop before the criterion / the step, a bad batch is a one-line user error,
 AMP (bf16 on CPU) trains, EMA averages."""
+import io
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from datasets.synthetic import generate_synthetic_dataset
 from engine import NonFiniteLossError, evaluate, non_finite_outputs, train_one_epoch, weighted_loss
 from models import build_model
 from util.config import load_config
-from util.errors import DataError
+from util.errors import DataError, report_user_error
 from util.misc import collate_fn
 from util.optim import ModelEma, param_groups
 from util.rng import seed_everything
@@ -159,13 +160,13 @@ class _BadSecondItem(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def test_a_data_error_in_a_worker_stays_a_one_line_user_error(setup, capsys):
-    from util.errors import report_user_error
+def test_a_data_error_in_a_worker_stays_a_one_line_user_error(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
     loader = DataLoader(_BadSecondItem(train_loader.dataset), batch_size=1, collate_fn=collate_fn, num_workers=1)
     with pytest.raises(DataError) as info:
         train_one_epoch(model, criterion, loader, optimizer, torch.device('cpu'), epoch=0, print_freq=100)
     assert 'Traceback' in str(info.value), 'torch re-raises it with the worker traceback'
-    report_user_error(info.value)
-    assert capsys.readouterr().err == 'error: /data/visible/000002.png: unreadable or corrupt image\n'
+    report = io.StringIO()
+    report_user_error(info.value, file=report)
+    assert report.getvalue() == 'error: /data/visible/000002.png: unreadable or corrupt image\n'
