@@ -4,9 +4,15 @@ Follows CAFF-DINO's ``engine.py`` (``train_one_epoch``, ``evaluate``; itself DIN
 - Backbone freezing is not done here (the reference re-freezes each epoch); the model is built frozen.
 - AMP: only the model's forward runs under autocast (bfloat16 on CPU, float16 + GradScaler on CUDA); the loss is
   computed in float32 on float32 copies of the outputs. The MSDeformAttn op keeps itself in float32.
-- A non-finite loss raises ``NonFiniteLossError`` naming the epoch, the step and every loss term, instead of
-  ``sys.exit(1)``; the caller keeps the last good checkpoint (the current epoch is never saved).
-- The loss used for that check is the one averaged over ranks, so all ranks stop together under DDP.
+- Non-finite numbers stop training with ``NonFiniteLossError`` (a user error: one line, exit 2), instead of
+  ``sys.exit(1)``; the caller keeps the last good checkpoint (the current epoch is never saved). The model's
+  outputs are checked before the criterion runs, so a NaN never reaches the matcher or the box losses (whose
+  ``generalized_box_iou`` would fail on it first); then the loss, averaged over ranks; then, without AMP, the
+  gradient norm before the optimiser step. The message names the epoch, the step and the outputs or terms.
+- Under DDP every rank stops together: the output check and a user error raised while fetching a batch (a bad
+  image read by a DataLoader worker) are agreed between ranks at each step (``util.dist.raise_together``), so
+  no rank is left waiting in a collective and rank 0 holds the message.
+- ``evaluate`` writes the detections with the data set's own image ids (string ids restored, ``image_id_map``).
 - ``evaluate`` runs on CPU (the reference criterion hard-codes ``.to('cuda')``), prints the COCO summary and a
   per-class AP table on the main process, and writes the detections as a COCO results JSON.
 - ``evaluate`` also scores a data set's own benchmark metric when it has one (KAIST: MR^-2 all / day / night,
@@ -35,6 +41,66 @@ MAIN_TERMS = ('loss_ce', 'loss_bbox', 'loss_giou')
 
 class NonFiniteLossError(UserError, RuntimeError):
     """The training loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+class _StepTogether:
+    """``data_loader`` whose batches every rank fetches in step: a ``UserError`` raised while fetching one (e.g.
+    in a DataLoader worker) is raised on every rank at that step (``dist.raise_together``). Keeps ``len``."""
+
+    def __init__(self, data_loader: Iterable):
+        self.data_loader = data_loader
+
+    def __len__(self) -> int:
+        return len(self.data_loader)
+
+    def __iter__(self):
+        iterator = iter(self.data_loader)
+        while True:
+            error, batch = None, None
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except UserError as err:
+                error = err
+            dist.raise_together(error)
+            yield batch
+
+
+def _floating_tensors(obj, name: str = 'outputs'):
+    """``(name, tensor)`` for every floating tensor nested in ``obj`` (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            yield name, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _floating_tensors(value, f'{name}[{key!r}]')
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _floating_tensors(value, f'{name}[{i}]')
+
+
+def non_finite_outputs(outputs: dict) -> list[str]:
+    """Names of the output tensors holding a NaN or an infinity (one device sync when all are finite)."""
+    named = list(_floating_tensors(outputs))
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+def check_outputs(outputs: dict, epoch: int, step: int, lr: float) -> None:
+    """Raise ``NonFiniteLossError`` on every rank when any rank's model outputs hold a NaN or an infinity."""
+    bad = non_finite_outputs(outputs)
+    error = None
+    if bad:
+        error = NonFiniteLossError(
+            f'the model outputs are not finite at epoch {epoch}, step {step} ({len(bad)} tensors, e.g. '
+            f'{", ".join(bad[:3])}); training stopped before the loss. The weights diverged (lr {lr:g}): lower '
+            'lr, keep clip_max_norm > 0, or check the data')
+    dist.raise_together(error)
 
 
 def _float32(obj):
@@ -81,12 +147,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     term_sums: dict[str, float] = defaultdict(float)
     steps = 0
     for step, (samples_rgb, samples_ir, targets) in enumerate(
-            metric_logger.log_every(data_loader, print_freq, f'Epoch: [{epoch}]', logger)):
+            metric_logger.log_every(_StepTogether(data_loader), print_freq, f'Epoch: [{epoch}]', logger)):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
         targets = _targets_to(targets, device)
         with _autocast(device, amp):
             outputs = model(samples_rgb, samples_ir, targets)
-        loss_dict = criterion(_float32(outputs), targets)
+        outputs = _float32(outputs)
+        check_outputs(outputs, epoch, step, optimizer.param_groups[0]['lr'])
+        loss_dict = criterion(outputs, targets)
         losses = weighted_loss(loss_dict, weight_dict)
 
         reduced = dist.reduce_dict({k: v.detach() for k, v in loss_dict.items()})
@@ -108,7 +176,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         else:
             losses.backward()
             if clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+                if not math.isfinite(grad_norm.item()):  # the same on every rank: DDP averaged the gradients
+                    raise NonFiniteLossError(
+                        f'the gradient norm is {grad_norm.item()} at epoch {epoch}, step {step} (loss '
+                        f'{loss_value:.4g}); stopping before the optimizer step. Lower lr or check the data')
             optimizer.step()
         if ema is not None:
             ema.update(model.module if hasattr(model, 'module') else model)
@@ -134,23 +206,25 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds,
              device: torch.device, output_dir: str | None = None, amp: bool = False,
-             print_freq: int = 10) -> tuple[dict, CocoEvaluator]:
+             print_freq: int = 10, image_id_map: dict | None = None) -> tuple[dict, CocoEvaluator]:
     """Run the model over ``data_loader`` and score it with COCO bbox metrics against ``base_ds`` (a ``COCO``).
 
     Returns ``(stats, evaluator)``; ``stats`` holds the averaged loss and main weighted terms, ``coco_eval_bbox``
     (the 12 COCO numbers, AP first) and ``coco_eval_per_class`` ({class: [AP, AP50]}). With ``output_dir`` the main
-    process writes the detections to ``output_dir/detections_bbox.json``. Every rank returns the same stats.
-    A data set with its own metric (``data_loader.dataset``, see ``build_benchmark_evaluator``) adds it under the
-    evaluator's ``stats_key`` (KAIST: ``miss_rate`` = {all, day, night}). ``selection`` = {name, value} is the
-    number to keep the best checkpoint by, higher is better: AP, or the benchmark's own (KAIST: 1 - MR^-2 all).
+    process writes the detections to ``output_dir/detections_bbox.json``, with the annotation file's own image ids
+    (``image_id_map``: {original id: int id}, the data set's, None when the ids were ints). Every rank returns the
+    same stats. A data set with its own metric (``data_loader.dataset``, see ``build_benchmark_evaluator``) adds it
+    under the evaluator's ``stats_key`` (KAIST: ``miss_rate`` = {all, day, night}). ``selection`` = {name, value} is
+    the number to keep the best checkpoint by, higher is better: AP, or the benchmark's own (KAIST: 1 - MR^-2 all).
     """
     model.eval()
     criterion.eval()
     weight_dict = criterion.weight_dict
-    evaluator = CocoEvaluator(base_ds)
+    evaluator = CocoEvaluator(base_ds, image_id_map)
     benchmark = build_benchmark_evaluator(getattr(data_loader, 'dataset', None))
     metric_logger = MetricLogger(delimiter='  ')
-    for samples_rgb, samples_ir, targets in metric_logger.log_every(data_loader, print_freq, 'Test:', logger):
+    for samples_rgb, samples_ir, targets in metric_logger.log_every(_StepTogether(data_loader), print_freq, 'Test:',
+                                                                    logger):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
         targets = _targets_to(targets, device)
         with _autocast(device, amp):

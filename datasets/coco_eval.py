@@ -8,7 +8,10 @@ What differs from DETR:
   the full set, instead of gathering the per-image ``evalImgs`` arrays and patching ``COCOeval`` internals.
 - Per-class AP / AP50 is computed from ``COCOeval.eval['precision']`` and printed as a table (FLIR has three
   classes; the overall numbers hide which one fails).
-- ``write_results`` dumps the detections as a COCO results JSON, loadable with ``COCO.loadRes``.
+- ``write_results`` dumps the detections as a COCO results JSON with the annotation file's own image ids: a
+  file whose ids were not ints was read with int ids (``image_id_map`` of the data set); the original ids
+  (strings, zero-padded digit strings) are put back, so the JSON scores against the user's file. Rows hold the
+  COCO result fields only: ``image_id``, ``category_id``, ``bbox`` (x, y, w, h pixels), ``score``.
 - Images may be seen twice under a distributed sampler that pads the last batch; each image counts once.
 
 Labels are used as COCO ``category_id`` unchanged: the model's class head is indexed by raw category id
@@ -25,13 +28,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from util import dist
+
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl', 'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl')
-
-
-def _all_gather(obj):
-    """Gather a picklable object from every rank (a one-element list when not distributed)."""
-    from util import dist
-    return dist.all_gather(obj)
+RESULT_FIELDS = ('image_id', 'category_id', 'bbox', 'score')
 
 
 class CocoEvaluator:
@@ -40,10 +40,13 @@ class CocoEvaluator:
     Usage: ``update({image_id: {'scores' (N,), 'labels' (N,), 'boxes' (N,4) xyxy pixels}})`` per batch, then
     ``synchronize_between_processes()``, ``accumulate()``, ``summarize()``. After that ``stats`` holds the 12
     standard COCO numbers (``STAT_NAMES`` order) and ``per_class`` a list of ``(name, AP, AP50)``.
+    ``image_id_map`` ({original id: int id}, as ``PairedCocoDataset.image_id_map``) gives the ids written by
+    ``write_results``; the evaluation itself runs on the int ids of ``coco_gt``.
     """
 
-    def __init__(self, coco_gt: COCO):
+    def __init__(self, coco_gt: COCO, image_id_map: dict | None = None):
         self.coco_gt = copy.deepcopy(coco_gt)
+        self._original_ids = {int(v): k for k, v in image_id_map.items()} if image_id_map else {}
         self._per_image: dict[int, list[dict]] = {}
         self.coco_eval: COCOeval | None = None
         self.stats = np.full(len(STAT_NAMES), -1.0)
@@ -73,7 +76,7 @@ class CocoEvaluator:
     def synchronize_between_processes(self) -> None:
         """Merge every rank's detections; afterwards each rank holds the full set."""
         merged: dict[int, list[dict]] = {}
-        for rank_results in _all_gather(self._per_image):
+        for rank_results in dist.all_gather(self._per_image):
             merged.update(rank_results)
         self._per_image = merged
 
@@ -131,8 +134,15 @@ class CocoEvaluator:
             out[f'AP50_{name}'] = ap50
         return out
 
+    def original_id(self, image_id: int):
+        """The annotation file's id of the image evaluated as int ``image_id``."""
+        return self._original_ids.get(int(image_id), int(image_id))
+
     def write_results(self, path: str) -> None:
-        """Write the detections as a COCO results JSON (a list of {image_id, category_id, bbox xywh, score})."""
+        """Write the detections as a COCO results JSON: a list of ``{image_id, category_id, bbox xywh, score}``
+        with the annotation file's own image ids (:meth:`original_id`)."""
+        rows = [{**{k: row[k] for k in RESULT_FIELDS}, 'image_id': self.original_id(row['image_id'])}
+                for row in self.results]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, 'w') as f:
-            json.dump(self.results, f)
+            json.dump(rows, f)

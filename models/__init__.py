@@ -10,13 +10,10 @@ IDEA-Research/DINO (``models/dino/dino.py``) and CAFF-DETR's CAFF-DINO, with the
 - freezing of both backbones happens once at build (``freeze_backbones``), not in every training epoch.
 
 The sub-packages are imported lazily inside :func:`build_model`, so ``import models.ops`` (or any other part)
-does not pull in the whole detector; ``map_dino_to_caff`` (DINO -> CAFF-DINO checkpoint keys, torch only) is
-re-exported for ``util/checkpoint.py``.
+does not pull in the whole detector.
 """
 
-from .checkpoint_keys import map_dino_to_caff
-
-__all__ = ['build_model', 'map_dino_to_caff']
+__all__ = ['build_model']
 
 
 def build_model(cfg):

@@ -1,4 +1,5 @@
-"""State-dict key mapping from a mono-spectral DINO checkpoint to CAFF-DINO (``--pretrain_model_coco``).
+"""State-dict key rules: the mapping from a mono-spectral DINO checkpoint to CAFF-DINO (``--pretrain_model_coco``),
+and telling the two kinds of checkpoint apart by their keys.
 
 Follows CAFF-DETR ``main.py`` (``--pretrain_model_coco``) and docs/REFERENCE.md §3, written as a declarative rule table
 instead of inline string tests. The first rule whose prefix matches a source key decides its CAFF names:
@@ -18,6 +19,10 @@ anything else          the same key                                transformer, 
 know the target model: the loader keeps the mapped keys that exist in the model with equal shapes (the reference
 checks no shapes) and reports the rest. Differs from the reference in that a DDP ``module.`` prefix on the source
 keys is removed first (the reference's matching broke on it).
+
+``checkpoint_kind(state_dict)``: ``'caff'`` when a key belongs to a part only CAFF-DINO has (the second stream
+``backbone_ir`` / ``input_proj_ir``, or the fusion), ``'dino'`` when the backbone is the single ``backbone.*``,
+``'unknown'`` otherwise. The loaders use it to explain a checkpoint passed to the wrong flag.
 """
 import torch
 
@@ -29,6 +34,10 @@ DINO_TO_CAFF_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # CAFF-only parameters that no DINO key feeds.
 CAFF_ONLY_PREFIXES = ('conv_corr.', 'redim_corr.')
+
+# Keys that only a two-stream CAFF-DINO state dict has, and the one backbone prefix of a mono-spectral DINO.
+CAFF_STREAM_PREFIXES = ('backbone_visible.', 'backbone_ir.', 'input_proj_ir.') + CAFF_ONLY_PREFIXES
+DINO_BACKBONE_PREFIX = 'backbone.'
 
 _DDP_PREFIX = 'module.'
 
@@ -60,3 +69,13 @@ def map_dino_to_caff(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             mapped[caff_key] = value
             sources[caff_key] = dino_key
     return mapped
+
+
+def checkpoint_kind(state_dict: dict) -> str:
+    """``'caff'``, ``'dino'`` or ``'unknown'``: which model wrote ``state_dict`` (a ``module.`` prefix is ignored)."""
+    keys = [k[len(_DDP_PREFIX):] if k.startswith(_DDP_PREFIX) else k for k in state_dict]
+    if any(k.startswith(CAFF_STREAM_PREFIXES) for k in keys):
+        return 'caff'
+    if any(k.startswith(DINO_BACKBONE_PREFIX) for k in keys):
+        return 'dino'
+    return 'unknown'

@@ -45,6 +45,23 @@ def tiny_run_options() -> list[str]:
             'batch_size=2', 'print_freq=100', 'save_checkpoint_interval=0', "msda_backend='pytorch'"]
 
 
+@pytest.fixture(scope='session')
+def string_image_ids():
+    """string_image_ids(root, template) -> rewrite the validation annotation file of the synthetic data set at
+    `root` so that image n is named `template.format(n)` (e.g. 'frame-{}'), as community files do."""
+
+    def rewrite(root, template: str) -> None:
+        path = Path(root) / 'coco_annotations' / 'LLVIP_test.json'
+        coco = json.loads(path.read_text())
+        for image in coco['images']:
+            image['id'] = template.format(image['id'])
+        for annotation in coco['annotations']:
+            annotation['image_id'] = template.format(annotation['image_id'])
+        path.write_text(json.dumps(coco))
+
+    return rewrite
+
+
 @pytest.fixture
 def write_file(tmp_path):
     """write_file('name.py', text) -> Path of a file written under the test's tmp_path."""

@@ -100,3 +100,17 @@ def test_results_json_is_loadable_by_coco(tmp_path):
     rows = json.loads(path.read_text())
     assert rows == [{'image_id': 1, 'category_id': 1, 'bbox': [10.0, 10.0, 20.0, 40.0], 'score': pytest.approx(0.9)}]
     assert len(gt.loadRes(str(path)).anns) == 1
+
+
+def test_results_carry_the_annotation_files_own_ids_and_only_the_result_fields(tmp_path):
+    # the data set read 'img-b' as 1 and '0002' as 2 (PairedCocoDataset.image_id_map: original -> int)
+    evaluator = CocoEvaluator(make_gt(), image_id_map={'img-b': 1, '0002': 2})
+    evaluator.update({1: prediction([xyxy(10, 10, 20, 40), xyxy(50, 50, 40, 30)], [1, 3], [0.9, 0.8]),
+                      2: prediction([xyxy(20, 30, 30, 30)], [2], [0.7])})
+    path = tmp_path / 'detections.json'
+    evaluator.write_results(str(path))
+    rows = json.loads(path.read_text())
+    assert [row['image_id'] for row in rows] == ['img-b', 'img-b', '0002']
+    assert all(list(row) == ['image_id', 'category_id', 'bbox', 'score'] for row in rows)
+    run(evaluator)
+    assert evaluator.stats[0] == pytest.approx(1.0), 'the evaluation itself still runs on the int ids'

@@ -155,14 +155,14 @@ def test_config_survives_deepcopy_and_pickle(tiny_cfg):
 
 
 def test_dump_round_trip(tiny_cfg, tmp_path):
-    tiny_cfg.update(lr=3e-4, caff_kernel_sizes=(1, 3), coco_path="it's here")
+    tiny_cfg.update(lr=3e-4, caff_kernel_sizes=(1, 3, 5), coco_path="it's here")
     path = tmp_path / 'out' / 'config.py'
     tiny_cfg.dump(path)
     text = path.read_text()
-    assert 'caff_kernel_sizes = (1, 3)' in text and '_base_' not in text
+    assert 'caff_kernel_sizes = (1, 3, 5)' in text and '_base_' not in text
     reloaded = load_config(path)
     assert reloaded == tiny_cfg and reloaded.to_dict() == tiny_cfg.to_dict()
-    assert reloaded.caff_kernel_sizes == (1, 3)
+    assert reloaded.caff_kernel_sizes == (1, 3, 5)
 
 
 def test_dump_rejects_values_that_are_not_literals(tiny_cfg, tmp_path):

@@ -1,5 +1,7 @@
 """engine.py with the real tiny CAFF-DINO: a training epoch updates the model, evaluation gives COCO numbers and a
-results file, a non-finite loss stops with the step and the terms, AMP (bf16 on CPU) trains, EMA averages."""
+results file, non-finite outputs or loss stop before the criterion / the step, a bad batch is a one-line user error,
+AMP (bf16 on CPU) trains, EMA averages."""
+import io
 import json
 import math
 from pathlib import Path
@@ -10,24 +12,22 @@ from torch.utils.data import DataLoader
 
 from datasets import build_dataset
 from datasets.synthetic import generate_synthetic_dataset
-from engine import NonFiniteLossError, evaluate, train_one_epoch, weighted_loss
+from engine import NonFiniteLossError, evaluate, non_finite_outputs, train_one_epoch, weighted_loss
 from models import build_model
 from util.config import load_config
-from util.misc import collate_fn, seed_everything
+from util.errors import DataError, report_user_error
+from util.misc import collate_fn
 from util.optim import ModelEma, param_groups
+from util.rng import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
-                'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
-                'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2', "msda_backend='pytorch'"]
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_run_options):
     root = str(tmp_path_factory.mktemp('synthetic'))
     generate_synthetic_dataset(root, num_train=4, num_val=2, width=128, height=96)
-    cfg = load_config(REPO / 'config/DINO/CAFF_tiny.py', [*TINY_OPTIONS, f'coco_path={root!r}'])
+    cfg = load_config(REPO / 'config/DINO/CAFF_tiny.py', [*tiny_run_options, f'coco_path={root!r}'])
     train_set, val_set = build_dataset('train', cfg), build_dataset('val', cfg)
     train_loader = DataLoader(train_set, batch_size=2, shuffle=False, collate_fn=collate_fn)
     val_loader = DataLoader(val_set, batch_size=1, shuffle=False, collate_fn=collate_fn)
@@ -99,19 +99,6 @@ def test_amp_bf16_on_cpu_trains_with_finite_loss(setup):
     assert math.isfinite(stats['loss'])
 
 
-def test_ema_averages_each_shared_weight_once():
-    layer = torch.nn.Linear(2, 2)
-    model = torch.nn.ModuleDict({'head': layer, 'alias': torch.nn.ModuleList([layer])})
-    ema = ModelEma(model, decay=0.75)
-    old = layer.weight.detach().clone()
-    with torch.no_grad():
-        layer.weight.add_(4.0)
-    ema.update(model)
-    assert torch.allclose(ema.module['head'].weight, old + 1.0)
-    assert ema.module['alias'][0].weight is ema.module['head'].weight
-    assert not ema.module['head'].weight.requires_grad
-
-
 def test_train_one_epoch_updates_the_ema(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -121,3 +108,65 @@ def test_train_one_epoch_updates_the_ema(setup):
                     print_freq=100)
     ema_bias = ema.module.class_embed[0].bias
     assert not torch.equal(ema_bias, start) and not torch.equal(ema_bias, model.class_embed[0].bias)
+
+
+def test_nan_weights_stop_before_the_criterion_sees_the_outputs(setup):
+    """A diverged weight makes every output NaN; the matcher and the DN box loss (generalized_box_iou) would raise
+    a ValueError on them, so the check must come first and name the outputs."""
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    with torch.no_grad():
+        model.transformer.level_embed.fill_(float('nan'))
+    calls = []
+    real_forward = criterion.forward
+    criterion.forward = lambda outputs, targets: calls.append(1) or real_forward(outputs, targets)
+    with pytest.raises(NonFiniteLossError, match=r"outputs are not finite at epoch 2, step 0 .*pred_logits"):
+        train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=2, print_freq=100)
+    assert not calls, 'the criterion ran on non-finite outputs'
+
+
+def test_non_finite_outputs_names_nested_tensors():
+    outputs = {'pred_boxes': torch.zeros(1, 2, 4), 'aux_outputs': [{'pred_logits': torch.tensor([1.0, float('inf')])}],
+               'dn_meta': {'pad_size': 4, 'output_known_lbs_bboxes': {'pred_boxes': torch.tensor([float('nan')])}},
+               'labels': torch.tensor([1, 2])}
+    assert non_finite_outputs(outputs) == ["outputs['aux_outputs'][0]['pred_logits']",
+                                           "outputs['dn_meta']['output_known_lbs_bboxes']['pred_boxes']"]
+    assert non_finite_outputs({'pred_boxes': torch.ones(2, 4)}) == []
+
+
+def test_infinite_gradient_stops_before_the_optimizer_step(setup):
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    model.class_embed[0].bias.register_hook(lambda grad: grad * float('inf'))
+    before = model.state_dict()['transformer.level_embed'].clone()
+    with pytest.raises(NonFiniteLossError, match=r'gradient norm is (inf|nan) at epoch 0, step 0'):
+        train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=0, clip_max_norm=0.1,
+                        print_freq=100)
+    assert torch.equal(model.state_dict()['transformer.level_embed'], before), 'no step with an infinite gradient'
+
+
+class _BadSecondItem(torch.utils.data.Dataset):
+    """Two items of a real data set; the second one raises the data error a broken image file would."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise DataError('/data/visible/000002.png: unreadable or corrupt image')
+        return self.dataset[index]
+
+
+def test_a_data_error_in_a_worker_stays_a_one_line_user_error(setup):
+    cfg, train_loader, _, _ = setup
+    model, criterion, _, optimizer = build(cfg)
+    loader = DataLoader(_BadSecondItem(train_loader.dataset), batch_size=1, collate_fn=collate_fn, num_workers=1)
+    with pytest.raises(DataError) as info:
+        train_one_epoch(model, criterion, loader, optimizer, torch.device('cpu'), epoch=0, print_freq=100)
+    assert 'Traceback' in str(info.value), 'torch re-raises it with the worker traceback'
+    report = io.StringIO()
+    report_user_error(info.value, file=report)
+    assert report.getvalue() == 'error: /data/visible/000002.png: unreadable or corrupt image\n'

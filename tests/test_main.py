@@ -1,5 +1,6 @@
-"""main.py end to end on a tiny synthetic set: train + eval, --eval reproduces, resume after kill -9, pretrain
-loading, occupied output dirs, and the one-line errors for bad input."""
+"""main.py end to end on a tiny synthetic set: train + eval with the data set's own (string) image ids, --eval
+reproduces, resume after kill -9, resume equals an uninterrupted run, resume applies a changed config, EMA weights
+evaluated and kept. The bad inputs are tests/test_bad_runs.py."""
 import json
 import signal
 import subprocess
@@ -12,17 +13,11 @@ import torch
 
 import main
 from datasets.synthetic import generate_synthetic_dataset
-from models import build_model
-from util.checkpoint import load_checkpoint, load_pretrained_caff, load_pretrained_coco, save_checkpoint
+from util.checkpoint import load_checkpoint
 from util.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = 'config/DINO/CAFF_tiny.py'
-# 96 px images, one encoder / decoder layer: seconds per epoch on a CPU.
-TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
-                'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
-                'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2', 'print_freq=100', 'save_checkpoint_interval=0', "msda_backend='pytorch'"]
 
 
 @pytest.fixture(scope='module')
@@ -32,14 +27,24 @@ def data_root(tmp_path_factory) -> str:
     return root
 
 
-def cli(data_root: str, output_dir, *extra: str, options=()) -> list[str]:
-    return ['-c', str(REPO / TINY), '--coco_path', data_root, '--output_dir', str(output_dir),
-            '--num_workers', '0', *extra, '--options', *TINY_OPTIONS, *options]
+@pytest.fixture(scope='module')
+def string_id_root(tmp_path_factory, string_image_ids) -> str:
+    """A synthetic set whose validation annotation file names its images with strings ('frame-<n>')."""
+    root = tmp_path_factory.mktemp('string_ids')
+    generate_synthetic_dataset(str(root), num_train=4, num_val=3, width=128, height=96)
+    string_image_ids(root, 'frame-{}')
+    return str(root)
 
 
-def tiny_config(**overrides):
-    options = [*TINY_OPTIONS, *(f'{k}={v!r}' for k, v in overrides.items())]
-    return load_config(REPO / TINY, options)
+@pytest.fixture
+def cli(tiny_run_options):
+    """cli(data_root, output_dir, *flags, options=[...]) -> main.py's argv for a run of seconds."""
+
+    def argv(data_root: str, output_dir, *extra: str, options=()) -> list[str]:
+        return ['-c', str(REPO / TINY), '--coco_path', data_root, '--output_dir', str(output_dir),
+                '--num_workers', '0', *extra, '--options', *tiny_run_options, *options]
+
+    return argv
 
 
 def read_log(output_dir) -> list[dict]:
@@ -83,9 +88,9 @@ def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monke
         main.resolve_device('gpu0')
 
 
-def test_train_eval_checkpoints_log_and_eval_reproduces(data_root, tmp_path):
+def test_train_eval_checkpoints_log_and_eval_reproduces(string_id_root, tmp_path, cli):
     out = tmp_path / 'run'
-    assert main.main(cli(data_root, out, options=['epochs=1'])) == 0
+    assert main.main(cli(string_id_root, out, options=['epochs=1'])) == 0
     for name in ('checkpoint.pth', 'checkpoint_best_regular.pth', 'log.txt', 'info.txt', 'config_cfg.py',
                  'detections_bbox.json'):
         assert (out / name).is_file(), name
@@ -93,19 +98,20 @@ def test_train_eval_checkpoints_log_and_eval_reproduces(data_root, tmp_path):
     assert record['epoch'] == 0 and len(record['test_coco_eval_bbox']) == 12
     assert all(k in record for k in ('train_loss', 'train_loss_ce', 'train_lr', 'test_loss', 'best_res'))
     checkpoint = load_checkpoint(str(out / 'checkpoint.pth'))
-    assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'config', 'best_metric'} <= set(checkpoint)
-    assert checkpoint['config']['num_classes'] == 3
+    assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'config', 'best', 'rng_state'} <= set(checkpoint)
+    assert checkpoint['config']['num_classes'] == 3 and checkpoint['epoch'] == 0
+    rows = json.loads((out / 'detections_bbox.json').read_text())
+    assert rows and all(set(row) == {'image_id', 'category_id', 'bbox', 'score'} for row in rows)
+    assert {row['image_id'] for row in rows} == {'frame-1', 'frame-2', 'frame-3'}, "the file's own ids"
 
-    assert main.main(cli(data_root, out, '--eval', '--resume', str(out / 'checkpoint_best_regular.pth'),
+    assert main.main(cli(string_id_root, out, '--eval', '--resume', str(out / 'checkpoint_best_regular.pth'),
                          options=['epochs=1'])) == 0
     evaluated = read_log(out)[-1]
     assert evaluated['mode'] == 'eval'
     assert evaluated['test_coco_eval_bbox'] == pytest.approx(record['test_coco_eval_bbox'], abs=1e-6)
 
-    assert main.main(cli(data_root, out, options=['epochs=1'])) == 2, 'an occupied output dir needs --resume'
 
-
-def test_kill_9_then_resume_continues_from_last_complete_epoch(data_root, tmp_path):
+def test_kill_9_then_resume_continues_from_last_complete_epoch(data_root, tmp_path, cli):
     out = tmp_path / 'killed'
     command = [sys.executable, str(REPO / 'main.py'), *cli(data_root, out, options=['epochs=50'])]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -129,7 +135,7 @@ def test_kill_9_then_resume_continues_from_last_complete_epoch(data_root, tmp_pa
     assert epochs[-1] == resumed_from + 1 and epochs.count(resumed_from + 1) == 1
 
 
-def test_one_epoch_then_resume_equals_two_epochs_in_one_go(data_root, tmp_path):
+def test_one_epoch_then_resume_equals_two_epochs_in_one_go(data_root, tmp_path, cli):
     whole, split = tmp_path / 'whole', tmp_path / 'split'
     assert main.main(cli(data_root, whole, options=['epochs=2'])) == 0
     assert main.main(cli(data_root, split, options=['epochs=1'])) == 0
@@ -144,80 +150,35 @@ def test_one_epoch_then_resume_equals_two_epochs_in_one_go(data_root, tmp_path):
     assert read_log(whole)[-1]['train_loss'] == read_log(split)[-1]['train_loss']
 
 
-def test_pretrain_model_coco_fills_both_branches_equally(tmp_path):
-    cfg = tiny_config()
-    model, _, _ = build_model(cfg)
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if tensor.is_floating_point():
-                tensor.normal_()
-    # A mono-spectral DINO checkpoint: one backbone, one input projection, the rest (with its aliased heads) as
-    # in CAFF-DINO; random values so that every copied tensor is recognisable.
-    dino_state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith('backbone_visible.'):
-            dino_state['backbone.' + key[len('backbone_visible.'):]] = value
-        elif not key.startswith(('backbone_ir.', 'input_proj_ir.', 'conv_corr.', 'redim_corr.')):
-            dino_state[key] = value
-    path = str(tmp_path / 'dino_coco.pth')
-    save_checkpoint({'model': dino_state}, path)
-
-    fresh, _, _ = build_model(cfg)
-    report = load_pretrained_coco(fresh, path)
-    state = fresh.state_dict()
-    for key, value in dino_state.items():
-        if key.startswith('backbone.'):
-            rest = key[len('backbone.'):]
-            assert torch.equal(state['backbone_visible.' + rest], value)
-            assert torch.equal(state['backbone_ir.' + rest], value)
-        elif key.startswith('input_proj.'):
-            assert torch.equal(state[key], value) and torch.equal(state['input_proj_ir.' + key[11:]], value)
-        else:
-            assert torch.equal(state[key], value), key
-    assert {k.split('.')[0] for k in report.new} == {'conv_corr', 'redim_corr'}
-    assert not report.skipped_shape and not report.unexpected
-    assert 'newly initialised' in report.summary()
+def test_resume_applies_the_new_hyperparameters_and_records_them(data_root, tmp_path, cli):
+    out = tmp_path / 'changed'
+    assert main.main(cli(data_root, out, options=['epochs=1', 'lr=4e-4', 'lr_drop=8', 'weight_decay=1e-4'])) == 0
+    assert main.main(cli(data_root, out, '--resume', str(out / 'checkpoint.pth'),
+                         options=['epochs=2', 'lr=1e-4', 'lr_drop=1', 'weight_decay=0.05'])) == 0
+    # StepLR with the new values: epoch 1 trains at lr * 0.1 ** (1 // lr_drop)
+    expected_lr = 1e-4 * 0.1 ** (1 // 1)
+    assert read_log(out)[-1]['epoch'] == 1 and read_log(out)[-1]['train_lr'] == pytest.approx(expected_lr)
+    saved = load_checkpoint(str(out / 'checkpoint.pth'))
+    groups = saved['optimizer']['param_groups']
+    assert [g['initial_lr'] for g in groups] == [1e-4, 4e-4]  # lr_backbone is unchanged (CAFF_tiny: 4e-4)
+    assert all(g['weight_decay'] == 0.05 for g in groups) and saved['lr_scheduler']['step_size'] == 1
+    assert saved['config']['lr'] == 1e-4
+    assert load_config(out / 'config_cfg.py').lr == 1e-4, 'config_cfg.py is the config in effect'
+    info = (out / 'info.txt').read_text()
+    assert 'lr: 0.0004 -> 0.0001' in info and 'lr_drop: 8 -> 1' in info and 'weight_decay: 0.0001 -> 0.05' in info
 
 
-def test_pretrain_model_path_with_other_num_classes_skips_the_heads(tmp_path):
-    source, _, _ = build_model(tiny_config(num_classes=5, dn_labelbook_size=5))
-    path = str(tmp_path / 'caff5.pth')
-    save_checkpoint({'model': source.state_dict(), 'epoch': 3}, path)
-    target, _, _ = build_model(tiny_config())
-    report = load_pretrained_caff(target, path)
-    skipped = {k for k, _, _ in report.skipped_shape}
-    assert 'label_enc.weight' in skipped and any('class_embed' in k for k in skipped)
-    assert all('class_embed' in k or k == 'label_enc.weight' for k in skipped)
-    assert torch.equal(target.state_dict()['transformer.level_embed'], source.state_dict()['transformer.level_embed'])
-    assert 'skipped, shape mismatch' in report.summary()
-
-
-def test_resume_with_pretrain_flag_is_refused(data_root, tmp_path, capsys):
-    rc = main.main(cli(data_root, tmp_path / 'x', '--resume', 'a.pth', '--pretrain_model_path', 'b.pth'))
-    assert rc == 2 and 'cannot be combined' in capsys.readouterr().err
-
-
-@pytest.mark.parametrize('case', ['missing_coco_path', 'wrong_dataset_file', 'unreadable_checkpoint',
-                                  'config_typo'])
-def test_bad_input_exits_with_one_line(data_root, tmp_path, capsys, case):
-    bad_ckpt = tmp_path / 'broken.pth'
-    bad_ckpt.write_bytes(b'\x00' * 64)
-    args, expected = {
-        'missing_coco_path': (cli(str(tmp_path / 'no_such_dir'), tmp_path / 'o1'), 'no_such_dir'),
-        'wrong_dataset_file': (cli(data_root, tmp_path / 'o2', '--dataset_file', 'kitti'), 'kitti'),
-        'unreadable_checkpoint': (cli(data_root, tmp_path / 'o3', '--pretrain_model_path', str(bad_ckpt)),
-                                  'broken.pth'),
-        'config_typo': (cli(data_root, tmp_path / 'o4', options=['hiden_dim=32']), 'hiden_dim'),
-    }[case]
-    assert main.main(args) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and expected in lines[0], lines
-
-
-def test_bad_input_in_a_fresh_process_prints_no_traceback(data_root, tmp_path):
-    args = cli(data_root, tmp_path / 'o', options=['hiden_dim=32'])
-    proc = subprocess.run([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and 'Traceback' not in proc.stderr
-    assert 'hiden_dim' in proc.stderr and 'hidden_dim' in proc.stderr, 'the error names the key and a suggestion'
+def test_ema_weights_are_evaluated_logged_and_kept(data_root, tmp_path, cli):
+    out = tmp_path / 'ema'
+    assert main.main(cli(data_root, out, options=['epochs=1', 'use_ema=True', 'ema_decay=0.5'])) == 0
+    (record,) = read_log(out)
+    assert len(record['ema_test_coco_eval_bbox']) == 12 and record['ema_best_ep'] == 0
+    assert record['ema_best_res'] == record['ema_test_coco_eval_bbox'][0]
+    best_ema = load_checkpoint(str(out / 'checkpoint_best_ema.pth'))
+    last = load_checkpoint(str(out / 'checkpoint.pth'))
+    assert 'ema_model' not in best_ema and best_ema['model'].keys() == last['ema_model'].keys()
+    assert all(torch.equal(v, last['ema_model'][k]) for k, v in best_ema['model'].items())
+    assert not all(torch.equal(v, last['model'][k]) for k, v in best_ema['model'].items()), 'EMA != weights'
+    # evaluating the kept file gives the EMA numbers of the log
+    assert main.main(cli(data_root, out, '--eval', '--resume', str(out / 'checkpoint_best_ema.pth'))) == 0
+    assert read_log(out)[-1]['test_coco_eval_bbox'] == pytest.approx(record['ema_test_coco_eval_bbox'], abs=1e-6)

@@ -1,17 +1,14 @@
-import random
-
-import numpy as np
 import pytest
 import torch
 
-from util.misc import NestedTensor, collate_fn, inverse_sigmoid, nested_tensor_from_tensor_list, seed_everything
+from util.misc import NestedTensor, collate_fn, inverse_sigmoid, nested_tensor_from_tensor_list
 
 
 def test_nested_tensor_pads_with_zeros_and_masks_padding():
     a = torch.ones(3, 4, 5)
     b = torch.full((3, 6, 2), 2.0)
     nested = nested_tensor_from_tensor_list([a, b])
-    tensors, mask = nested.decompose()
+    tensors, mask = nested.tensors, nested.mask
     assert tensors.shape == (2, 3, 6, 5) and mask.shape == (2, 6, 5) and mask.dtype == torch.bool
     assert torch.equal(tensors[0, :, :4, :5], a) and tensors[0, :, 4:].abs().sum() == 0
     assert torch.equal(tensors[1, :, :6, :2], b) and tensors[1, :, :, 2:].abs().sum() == 0
@@ -54,10 +51,3 @@ def test_inverse_sigmoid_inverts_sigmoid_and_stays_finite():
     assert torch.allclose(inverse_sigmoid(x).sigmoid(), x, atol=1e-6)
     edges = inverse_sigmoid(torch.tensor([0.0, 1.0]))
     assert torch.isfinite(edges).all() and torch.allclose(edges, torch.tensor([-6.9078, 6.9078]), atol=1e-4)
-
-
-def test_seed_everything_repeats_all_generators():
-    seed_everything(3)
-    first = (random.random(), np.random.rand(), torch.rand(1).item())
-    seed_everything(3)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first

@@ -194,3 +194,13 @@ def test_input_modes_are_exclusive(workspace, tmp_path, capsys):
     argv = _common(workspace, tmp_path) + ['--rgb', 'a.png', '--split', 'val']
     assert predict.main(argv) == 2
     assert 'exactly one input' in capsys.readouterr().err
+
+
+def test_split_mode_keeps_string_image_ids(workspace, tmp_path, string_image_ids):
+    data = tmp_path / 'string_ids'
+    generate_synthetic_dataset(str(data), num_train=3, num_val=2, width=WIDTH, height=HEIGHT)
+    string_image_ids(data, 'night-{:03d}')
+    out = tmp_path / 'out'
+    assert predict.main(_common(workspace, out) + ['--split', 'val', '--coco_path', str(data)]) == 0
+    assert {r['image_id'] for r in _results(out)} == {'night-001', 'night-002'}
+    assert {im['id'] for im in json.loads((out / 'images.json').read_text())['images']} == {'night-001', 'night-002'}

@@ -1,20 +1,23 @@
-"""DDP on CPU: ``torchrun --nproc_per_node=2 main.py`` (gloo) trains one epoch, evaluates across both ranks,
-and both ranks end with identical weights."""
+"""DDP on CPU (gloo, 2 processes): ``torchrun --nproc_per_node=2 main.py`` trains one epoch, evaluates across both
+ranks, and both ranks end with identical weights; a user error, whether every rank meets it or only one, ends the
+run with one line from rank 0 and exit status 2 on every rank, without a hang."""
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from datasets.synthetic import generate_synthetic_dataset
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
-TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
-                'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
-                'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2', 'epochs=1', 'print_freq=100', 'save_checkpoint_interval=0',
-                "msda_backend='pytorch'"]
+TIMEOUT = 600  # generous: the machine running the tests may be shared; a hang would take gloo's 30 minutes
 
 # Runs main.run under torchrun, then compares the ranks' weights (all_gather) and records the result.
 DRIVER = textwrap.dedent('''
@@ -33,22 +36,107 @@ DRIVER = textwrap.dedent('''
     torch.distributed.destroy_process_group()
 ''')
 
+# main.main with the second training pair failing to load on rank 1 only, inside its DataLoader worker.
+FAILING_ON_RANK_1 = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    import main
+    from datasets.pairs import BadPairError, PairedCocoDataset
+    real_getitem = PairedCocoDataset.__getitem__
 
-def test_two_process_gloo_run_trains_one_epoch_with_identical_weights(tmp_path):
-    data = tmp_path / 'data'
-    generate_synthetic_dataset(str(data), num_train=4, num_val=3, width=128, height=96)
+    def getitem(self, index):
+        if os.environ['RANK'] == '1' and self.skip_bad_pairs is False and len(self) == 4:
+            raise BadPairError('/data/visible/train/000003.png: unreadable or corrupt image (truncated)')
+        return real_getitem(self, index)
+
+    PairedCocoDataset.__getitem__ = getitem
+    sys.exit(main.main({argv!r}))
+''')
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('data')
+    generate_synthetic_dataset(str(root), num_train=4, num_val=3, width=128, height=96)
+    return root
+
+
+def main_argv(data, out, tiny_run_options, *options) -> list[str]:
+    return ['-c', str(REPO / 'config/DINO/CAFF_tiny.py'), '--coco_path', str(data), '--output_dir', str(out),
+            '--device', 'cpu', '--num_workers', '0', '--options', *tiny_run_options, 'epochs=1', *options]
+
+
+def torchrun(script_or_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           *script_or_args], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def two_ranks(command: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """The two processes torchrun would start, started by hand, so that each one's exit status and stderr show."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, 'OMP_NUM_THREADS': '1', 'RANK': str(rank), 'LOCAL_RANK': str(rank), 'WORLD_SIZE': '2',
+               'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port)}
+        procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith('error: ')]
+
+
+def test_two_process_gloo_run_trains_one_epoch_with_identical_weights(tmp_path, data, tiny_run_options):
     out = tmp_path / 'out'
-    argv = ['-c', str(REPO / 'config/DINO/CAFF_tiny.py'), '--coco_path', str(data), '--output_dir', str(out),
-            '--device', 'cpu', '--num_workers', '0', '--options', *TINY_OPTIONS]
     result = tmp_path / 'result.json'
     driver = tmp_path / 'driver.py'
-    driver.write_text(DRIVER.format(repo=str(REPO), argv=argv, result=str(result)))
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           str(driver)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    driver.write_text(DRIVER.format(repo=str(REPO), argv=main_argv(data, out, tiny_run_options), result=str(result)))
+    proc = torchrun([str(driver)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     outcome = json.loads(result.read_text())
     assert outcome['world_size'] == 2 and outcome['identical']
     (record,) = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
     assert record['epoch'] == 0 and record['test_coco_eval_bbox'] == outcome['coco_eval_bbox']
     assert (out / 'checkpoint.pth').is_file()
+
+
+def test_an_error_every_rank_meets_is_one_line_from_rank_0(tmp_path, data, tiny_run_options):
+    """A bad config value fails before the process group exists; a missing data set after it."""
+    for root, options, culprit in ((data, ['batch_size=0'], 'batch_size'), (tmp_path / 'absent', [], 'absent')):
+        ranks = two_ranks([sys.executable, str(REPO / 'main.py'), *main_argv(root, tmp_path / 'o', tiny_run_options,
+                                                                             *options)], tmp_path)
+        assert [r.returncode for r in ranks] == [2, 2]
+        assert error_lines(ranks[0].stderr) and culprit in error_lines(ranks[0].stderr)[0]
+        assert ranks[0].stderr.strip().splitlines() == error_lines(ranks[0].stderr)[:1], ranks[0].stderr
+        assert ranks[1].stderr.strip() == '', ranks[1].stderr
+
+
+def test_an_error_on_one_rank_in_its_dataloader_worker_stops_both(tmp_path, data, tiny_run_options):
+    script = tmp_path / 'failing.py'
+    script.write_text(FAILING_ON_RANK_1.format(repo=str(REPO), argv=main_argv(
+        data, tmp_path / 'o', tiny_run_options, 'num_workers=1', 'batch_size=1')))
+    ranks = two_ranks([sys.executable, str(script)], tmp_path)
+    assert [r.returncode for r in ranks] == [2, 2]
+    assert ranks[0].stderr.strip().splitlines() == [
+        'error: rank 1: /data/visible/train/000003.png: unreadable or corrupt image (truncated). Last good '
+        'checkpoint: none (no epoch completed)'], ranks[0].stderr
+    assert ranks[1].stderr.strip() == '', ranks[1].stderr
+
+
+def test_under_torchrun_a_bad_run_prints_one_error_line(tmp_path, data, tiny_run_options):
+    proc = torchrun([str(REPO / 'main.py'), *main_argv(data, tmp_path / 'o', tiny_run_options, 'hidden_dim=48')],
+                    tmp_path)
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and 'hidden_dim' in lines[0]
+    # the rest is torchrun's own report (its launcher traceback and a summary), with no frame of our code in it
+    assert proc.stderr.count('exitcode  : 2') == 2, 'both ranks exited with the user-error status'
+    assert not re.search(rf'File "{re.escape(str(REPO))}/(?!\.venv/)', proc.stderr), proc.stderr

@@ -18,7 +18,7 @@ with pycocotools), and ``DIR/images.json``, a COCO skeleton (``images`` with ids
 that says which pair each ``image_id`` is.
 
 Image ids: the data set's ids in ``--split`` mode (so ``detections.json`` scores against its annotation file;
-a file with string ids gets the int ids of ``PairedCocoDataset.image_id_map``);
+a file with string ids keeps them: ``PairedCocoDataset.image_id_map`` is undone, as in ``main.py``'s results);
 1..N in file-name order for folders; 1 for a single pair. Folders are paired by identical file name.
 Class names come from the data set's ``categories`` (the split's annotation file, or else the annotation file of
 the config's ``coco_path`` when it exists); otherwise the class id is shown.
@@ -186,7 +186,7 @@ def draw_pair(rgb: Optional[PIL.Image.Image], ir: Optional[PIL.Image.Image], det
 # ------------------------------------------------------------------------------------------------------- run
 
 def predict(detector: Detector, items: list[PairItem], out_dir: str, names: dict[int, str], threshold: float,
-            batch_size: int, coco_gt=None, progress=None) -> CocoEvaluator:
+            batch_size: int, coco_gt=None, progress=None, image_id_map: Optional[dict] = None) -> CocoEvaluator:
     """Predict on ``items`` in batches; write one PNG per pair and the two JSON files into ``out_dir``.
 
     Returns a ``CocoEvaluator`` over ``coco_gt`` (an empty skeleton when None) holding every detection; call its
@@ -202,7 +202,7 @@ def predict(detector: Detector, items: list[PairItem], out_dir: str, names: dict
                                'rename one of them')
         taken.add(item.name)
     evaluator = CocoEvaluator(coco_gt if coco_gt is not None else
-                              coco_from_dict({'images': [], 'annotations': [], 'categories': []}))
+                              coco_from_dict({'images': [], 'annotations': [], 'categories': []}), image_id_map)
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         pairs = [read_pair(item) for item in batch]
@@ -216,7 +216,7 @@ def predict(detector: Detector, items: list[PairItem], out_dir: str, names: dict
             if item.annotations is not None:
                 gt = boxes_to_target(item.annotations, item.image_id, width, height)
             draw_pair(rgb, ir, detections, names, threshold, gt).save(os.path.join(out_dir, f'{item.name}.png'))
-            images.append({'id': item.image_id,
+            images.append({'id': evaluator.original_id(item.image_id),
                            'file_name': os.path.basename(item.rgb_path) if item.rgb_path else None,
                            'file_name_IR': os.path.basename(item.ir_path) if item.ir_path else None,
                            'width': width, 'height': height})
@@ -273,6 +273,7 @@ def _check_source(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> CocoEvaluator:
     """Everything after parsing; returns the evaluator with the detections (scored in ``--split`` mode)."""
     mode = _check_source(args)
+    image_id_map = None
     options = parse_options(args.options)
     options.update({k: getattr(args, k) for k in ('coco_path', 'dataset_file') if getattr(args, k)})
     checkpoint = load_checkpoint(args.checkpoint, args.allow_unsafe_checkpoint)
@@ -286,6 +287,7 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
         except (ValueError, KeyError, FileNotFoundError) as e:  # messages name the file or key at fault
             raise PredictError(e.args[0] if e.args else repr(e)) from None
         items, names, gt_coco = split_pairs(dataset), category_names(dataset.coco.dataset), dataset.coco
+        image_id_map = dataset.image_id_map
     elif mode == 'pair':
         items, gt_coco = single_pair(args.rgb, args.ir), None
         read_pair(items[0])
@@ -299,7 +301,7 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
     if warning is not None:
         print(f'warning: {warning}', file=sys.stderr)
     evaluator = predict(detector, items, args.out, names, args.threshold, args.batch_size, gt_coco,
-                        _print_progress if mode != 'pair' else None)
+                        _print_progress if mode != 'pair' else None, image_id_map)
     print(f'predict: {len(items)} pair(s) drawn to {args.out}/, detections in {args.out}/detections.json')
     if gt_coco is not None:
         evaluator.accumulate()

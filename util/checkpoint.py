@@ -1,12 +1,12 @@
-"""Checkpoint I/O: atomic saves, safe loads, and the ways weights enter a model.
+"""Checkpoint files: atomic saves, safe loads, and partial loading of a state dict into a model.
 
-Covers what CAFF-DINO's ``main.py`` does inline for ``--resume``, ``--pretrain_model_coco``,
-``--pretrain_model_path`` and ``--finetune_ignore``; what differs from the reference:
+The file side of what CAFF-DINO's ``main.py`` does inline (``torch.save`` / ``torch.load``, the state-dict part
+of ``--pretrain_model_*`` and ``--finetune_ignore``). What is in a training checkpoint and how ``--resume`` reads
+it is ``util/training_checkpoint.py``; how pretrained weights initialise a CAFF-DINO is ``models/pretrained.py``.
+What differs from the reference:
 - Saves are atomic: the file is written next to its target, fsync'ed, then renamed over it, so a crash mid-save
-  (kill -9, full disk) leaves the previous checkpoint intact. The reference writes in place.
-- The random number generators (Python, NumPy, torch CPU and CUDA) are saved as tensors and plain values and
-  restored by ``--resume``, so a resumed run draws the same data order, augmentations and DN noise as an
-  uninterrupted one. The reference does not save them.
+  (kill -9, full disk) leaves the previous checkpoint intact. The reference writes in place. A save that fails
+  (full disk, no permission) is a ``CheckpointError`` naming the file.
 - Loads use ``torch.load(weights_only=True)`` with an allow-list (``argparse.Namespace``, which the released DINO
   and CAFF checkpoints store under ``'args'``); anything else needs ``allow_unsafe=True``
   (``--allow_unsafe_checkpoint``). The reference unpickles everything, and fails on torch >= 2.6.
@@ -20,13 +20,12 @@ import argparse
 import contextlib
 import os
 import pickle
-import random
+import re
 import shutil
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -56,7 +55,12 @@ def save_checkpoint(obj: dict, path: str) -> None:
     """
     with _atomic_write(path) as tmp_path:
         with open(tmp_path, 'wb') as f:  # created with 0o666 & ~umask, truncated if a killed save left it
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:  # torch's zip writer reports a failed write (e.g. a full disk) this way
+                if 'PytorchStreamWriter' not in str(err):
+                    raise
+                raise OSError(str(err).strip().splitlines()[-1]) from None
             f.flush()
             os.fsync(f.fileno())
 
@@ -83,17 +87,21 @@ def copy_checkpoint(src: str, dst: str) -> None:
 def _atomic_write(path: str):
     """Yield the temporary name to fill for ``path``; then rename it onto ``path`` and fsync the directory.
 
-    On any error (or interrupt) the temporary file is removed and ``path`` keeps its old content.
+    On any error (or interrupt) the temporary file is removed and ``path`` keeps its old content; an ``OSError``
+    (full disk, no permission) becomes a ``CheckpointError`` naming ``path``.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp_path = _tmp_path(path)
     try:
+        os.makedirs(directory, exist_ok=True)
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.lexists(tmp_path):
             os.unlink(tmp_path)
+        if isinstance(err, OSError):
+            raise CheckpointError(f'cannot write checkpoint {path!r} ({err.strerror or err}); the previous file is '
+                                  'kept: free disk space or choose a writable --output_dir') from None
         raise
     _fsync_dir(directory)
 
@@ -107,14 +115,21 @@ def _fsync_dir(directory: str) -> None:
         os.close(dir_fd)
 
 
+def check_checkpoint_path(path: str, flag: str = 'checkpoint') -> None:
+    """``CheckpointError`` unless ``path`` is an existing file (``flag`` names the option in the message)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f'{flag} {path!r} is a directory; pass the .pth file inside it')
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{flag} {path!r} does not exist: check the path')
+
+
 def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
     """Load a checkpoint on the CPU. A bare state dict is returned as ``{'model': state_dict}``.
 
     Raises ``CheckpointError`` (one line naming the file) when it is missing, truncated, not a checkpoint, or
     holds objects outside ``SAFE_GLOBALS`` while ``allow_unsafe`` is False.
     """
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path!r} does not exist: check the path')
+    check_checkpoint_path(path)
     try:
         if allow_unsafe:
             checkpoint = torch.load(path, map_location='cpu', weights_only=False)
@@ -122,22 +137,30 @@ def load_checkpoint(path: str, allow_unsafe: bool = False) -> dict:
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+        unsupported = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        if unsupported:
             raise CheckpointError(
-                f'checkpoint {path!r} contains objects outside the weights-only allow-list ({reason}); if you '
-                'trust the file, pass --allow_unsafe_checkpoint') from None
-        raise CheckpointError(f'checkpoint {path!r} is unreadable ({reason}): is it a torch checkpoint?') from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+                f'checkpoint {path!r} contains objects outside the weights-only allow-list ({unsupported.group(1)}); '
+                'if you trust the file, pass --allow_unsafe_checkpoint') from None
+        raise CheckpointError(f'checkpoint {path!r} is unreadable: the file is not a torch checkpoint') from None
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+            zipfile.BadZipFile) as e:  # what torch / pickle raise on foreign or cut bytes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f'checkpoint {path!r} is unreadable ({reason}): the file is truncated or not a torch checkpoint') from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, expected a dict')
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, not a checkpoint dict; '
+                              "pass a file saved by main.py or the reference (a dict with a 'model' state dict)")
     if 'model' not in checkpoint:
         if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
             return {'model': checkpoint}
-        raise CheckpointError(f'checkpoint {path!r} has no "model" entry (keys: {sorted(checkpoint)[:8]})')
+        keys = sorted(map(str, checkpoint))[:8]
+        raise CheckpointError(f"checkpoint {path!r} has no 'model' state dict (its keys: {keys}), so it is not a model "
+                              "checkpoint; pass a file saved by main.py or the reference")
+    state = checkpoint['model']
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path!r}: its 'model' entry is a {type(state).__name__}, not a state dict "
+                              'of tensors; pass a file saved by main.py or the reference')
     return checkpoint
 
 
@@ -206,88 +229,3 @@ def load_partial_state_dict(model: nn.Module, state_dict: dict, ignore: list[str
     report.loaded = list(to_load)
     report.new = [k for k in model_state if k not in to_load]
     return report
-
-
-def load_pretrained_caff(model: nn.Module, path: str, ignore=(), allow_unsafe: bool = False) -> LoadReport:
-    """``--pretrain_model_path``: initialise from a CAFF-DINO checkpoint; shape mismatches are skipped."""
-    checkpoint = load_checkpoint(path, allow_unsafe)
-    return load_partial_state_dict(model, checkpoint['model'], ignore, source=f'--pretrain_model_path {path}')
-
-
-def load_pretrained_coco(model: nn.Module, path: str, ignore=(), allow_unsafe: bool = False) -> LoadReport:
-    """``--pretrain_model_coco``: initialise both branches from a mono-spectral DINO checkpoint.
-
-    The key mapping (``backbone.*`` -> both backbones, ``input_proj.*`` -> both projections, the rest unchanged)
-    is ``models.map_dino_to_caff``; the fusion (``conv_corr``, ``redim_corr``) keeps its fresh
-    initialisation.
-    """
-    from models import map_dino_to_caff
-    checkpoint = load_checkpoint(path, allow_unsafe)
-    mapped = map_dino_to_caff(strip_module_prefix(checkpoint['model']))
-    return load_partial_state_dict(model, mapped, ignore, source=f'--pretrain_model_coco {path}')
-
-
-def resume_from(path: str, model: nn.Module, optimizer=None, lr_scheduler=None, ema=None,
-                allow_unsafe: bool = False) -> dict:
-    """``--resume``: restore the model strictly and, when given, optimizer, scheduler and EMA.
-
-    Returns ``{'start_epoch', 'best_metric', 'best_epoch', 'rng_state'}``; ``rng_state`` is the checkpoint's list
-    of per-rank generator states (:func:`capture_rng_state`), or None when it has none (older checkpoints,
-    released weights); restoring them is the caller's job, right before training continues. A model whose keys or
-    shapes differ from the checkpoint raises ``CheckpointError`` (resuming is not fine-tuning: use
-    ``--pretrain_model_path`` for that).
-    """
-    checkpoint = load_checkpoint(path, allow_unsafe)
-    state = strip_module_prefix(checkpoint['model'])
-    try:
-        unwrap_model(model).load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f'--resume {path!r} does not match the model ({" ".join(first[:2])[:300]}); was it saved with '
-            'another config? Use --pretrain_model_path to fine-tune from it instead') from None
-    if optimizer is not None and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-    if lr_scheduler is not None and 'lr_scheduler' in checkpoint:
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    if ema is not None and 'ema_model' in checkpoint:
-        ema.module.load_state_dict(strip_module_prefix(checkpoint['ema_model']))
-    return {
-        'start_epoch': int(checkpoint.get('epoch', -1)) + 1,
-        'best_metric': float(checkpoint.get('best_metric', float('-inf'))),
-        'best_epoch': int(checkpoint.get('best_epoch', -1)),
-        'rng_state': checkpoint.get('rng_state'),
-    }
-
-
-def capture_rng_state(device: torch.device) -> dict:
-    """This process's generator states, as tensors and plain values (loadable with ``weights_only=True``).
-
-    ``{'python': {'version', 'state': int64[625], 'gauss_next'}, 'numpy': {'keys': int64[624], 'pos',
-    'has_gauss', 'cached_gaussian'}, 'torch': uint8[N], 'cuda': uint8[M] or None}``; ``'cuda'`` is the state of
-    ``device`` when it is a CUDA device.
-    """
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    if kind != 'MT19937':
-        raise CheckpointError(f'numpy random generator {kind!r} cannot be saved; only MT19937 is supported')
-    return {
-        'python': {'version': version, 'state': torch.tensor(internal, dtype=torch.int64), 'gauss_next': gauss_next},
-        'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
-                  'cached_gaussian': float(cached_gaussian)},
-        'torch': torch.get_rng_state(),
-        'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
-    }
-
-
-def restore_rng_state(state: dict, device: torch.device) -> None:
-    """Set this process's generators to ``state`` (from :func:`capture_rng_state`); the CUDA state is set only
-    when both it and ``device`` are CUDA (a CPU run resumed on a GPU keeps the seeded CUDA generator)."""
-    python = state['python']
-    random.setstate((python['version'], tuple(python['state'].tolist()), python['gauss_next']))
-    numpy_state = state['numpy']
-    np.random.set_state(('MT19937', numpy_state['keys'].numpy().astype(np.uint32), numpy_state['pos'],
-                         numpy_state['has_gauss'], numpy_state['cached_gaussian']))
-    torch.set_rng_state(state['torch'])
-    if state.get('cuda') is not None and device.type == 'cuda':
-        torch.cuda.set_rng_state(state['cuda'], device)

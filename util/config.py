@@ -9,6 +9,11 @@ the result is an `addict.Dict`. What differs:
   value whose type does not fit the key's default (an int is accepted where the default is a float and
   becomes a float; a key whose default is None accepts anything). The resolved config must define every
   known key, so a config bases on DINO_4scale.py or is a full dump.
+- Values are checked when the config loads, against the one-line-per-key rules of util/config_rules.py
+  (ranges, choices, `hidden_dim` a multiple of 32, ...) and its rules across keys (`dn_labelbook_size` vs
+  `num_classes`, `num_feature_levels` vs `return_interm_indices`, ...). The error names the file that set the
+  value (or `--options`), the key, the value and what it may be.
+- A config file that raises while it executes is a ConfigError naming the file and the line.
 - Reading a key that is not in the config raises (addict would return an empty Dict silently).
 - No `_delete_`, no .json/.yaml configs, no temporary module on disk: the file is executed in a namespace.
 
@@ -26,6 +31,7 @@ import copy
 import difflib
 import functools
 import os
+import traceback
 import types
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -33,6 +39,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from addict import Dict
 from yapf.yapflib.yapf_api import FormatCode
 
+from util.config_rules import CROSS_RULES, VALUE_RULES
 from util.errors import UserError
 
 KNOWN_KEYS_FILE = Path(__file__).resolve().parents[1] / 'config' / 'DINO' / 'DINO_4scale.py'
@@ -78,7 +85,8 @@ def load_config(path: Union[str, os.PathLike], options: Optional[Union[Mapping[s
         ConfigError naming the file (or `--options`) and the key at fault.
     """
     known = known_keys()
-    values = _coerce_floats(_resolve(Path(path), known, chain=()), known)
+    origins: dict[str, str] = {}
+    values = _coerce_floats(_resolve(Path(path), known, chain=(), origins=origins), known)
     missing = [key for key in known if key not in values]
     if missing:
         raise ConfigError(f'{path}: missing keys {missing}; base the file on {_display(KNOWN_KEYS_FILE)} '
@@ -87,6 +95,8 @@ def load_config(path: Union[str, os.PathLike], options: Optional[Union[Mapping[s
         if not isinstance(options, Mapping):
             options = parse_options(options)
         _apply_options(values, options, known)
+        origins.update({dotted.split('.')[0]: '--options' for dotted in options})
+    check_values(values, origins, _display(Path(path)))
     return Config(values)
 
 
@@ -98,6 +108,7 @@ def config_from_dict(values: Mapping[str, Any], source: str = 'dict') -> Config:
     missing = [key for key in known if key not in values]
     if missing:
         raise ConfigError(f'{source}: missing keys {missing}')
+    check_values(values, {}, source)
     return Config(values)
 
 
@@ -167,9 +178,17 @@ def _execute(path: Path) -> tuple[dict, list]:
         raise ConfigError(f'{_display(path)}: no such config file')
     namespace = {'__file__': str(path), '__name__': '__config__'}
     try:
-        exec(compile(path.read_text(), str(path), 'exec'), namespace)
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f'{_display(path)}: cannot read the config file ({err}); check the path') from None
+    try:
+        exec(compile(text, str(path), 'exec'), namespace)
     except SyntaxError as err:
-        raise ConfigError(f'{_display(path)}: syntax error at line {err.lineno}: {err.msg}') from err
+        raise ConfigError(f'{_display(path)}: syntax error at line {err.lineno}: {err.msg}') from None
+    except Exception as err:  # the file's own code raised: name the line of the file where it did
+        lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if frame.filename == str(path)]
+        where = f'line {lines[-1]}' if lines else 'executing it'
+        raise ConfigError(f'{_display(path)}: {where} raised {type(err).__name__}: {err}; fix that line') from None
     bases = namespace.get('_base_', [])
     if isinstance(bases, str):
         bases = [bases]
@@ -192,8 +211,11 @@ def _merge(base: dict, override: Mapping) -> dict:
     return merged
 
 
-def _resolve(path: Path, known: Optional[dict], chain: tuple) -> dict:
-    """The values of `path` merged on top of its bases. `known=None` skips validation (used for the known keys)."""
+def _resolve(path: Path, known: Optional[dict], chain: tuple, origins: Optional[dict] = None) -> dict:
+    """The values of `path` merged on top of its bases. `known=None` skips validation (used for the known keys).
+
+    `origins`, when given, receives {key: file that set its value} for the merged keys.
+    """
     path = path.resolve()
     if path in chain:
         cycle = ' -> '.join(_display(p) for p in chain + (path,))
@@ -204,14 +226,37 @@ def _resolve(path: Path, known: Optional[dict], chain: tuple) -> dict:
     merged, origin = {}, {}
     for base in bases:
         base_path = path.parent / base
-        base_values = _resolve(base_path, known, chain + (path,))
+        base_values = _resolve(base_path, known, chain + (path,), origins)
         for key in base_values:
             if key in origin:
                 raise ConfigError(f"{_display(path)}: key '{key}' is defined in two bases, {origin[key]} and "
                                   f'{_display(base_path)}; keep it in one of them')
             origin[key] = _display(base_path)
         merged.update(base_values)
+    if origins is not None:
+        origins.update({key: _display(path) for key in values})
     return _merge(merged, values)
+
+
+def check_values(values: Mapping[str, Any], origins: Mapping[str, str], source: str) -> None:
+    """Checks the resolved `values` against util/config_rules.py: each key's rule, then the rules across keys.
+
+    Raises ConfigError naming where the value was set (`origins[key]`, else `source`), the key, the value and
+    what it may be.
+    """
+    for key, rule in VALUE_RULES.items():
+        if key in values and not rule.fits(values[key]):
+            raise ConfigError(f"{origins.get(key, source)}: key '{key}' = {values[key]!r} is not allowed: it must be "
+                              f'{rule.requirement}')
+    for rule in CROSS_RULES:
+        try:
+            fits = bool(rule.test(values))
+        except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError):
+            fits = False
+        if not fits:
+            where = ', '.join(dict.fromkeys(origins.get(key, source) for key in rule.keys))
+            setting = ', '.join(f'{key}={values.get(key)!r}' for key in rule.keys)
+            raise ConfigError(f'{where}: {setting}: {rule.requirement}')
 
 
 def _validate(values: Mapping, known: Mapping, source: str, prefix: str = '') -> None:

@@ -1,14 +1,12 @@
-"""Batching of image pairs and small numeric helpers shared by the model, the data pipeline and the engine.
+"""Batching of image pairs (NestedTensor, collate) and `inverse_sigmoid`, shared by the model and the data pipeline.
 
 Follows DETR's util/misc.py (NestedTensor: a padded batch plus its padding mask). What differs: `collate_fn`
 takes (rgb, ir, target) triples and pads the two modalities to one shared size with one shared mask, where the
 CAFF-DETR reference padded RGB in the collate and left IR as an unpadded tuple for the model to pad
 (docs/REFERENCE.md §6.6).
 """
-import random
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,9 +25,6 @@ class NestedTensor:
         """Both tensors moved to `device` (a torch.device or string)."""
         mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
-
-    def decompose(self) -> tuple[Tensor, Optional[Tensor]]:
-        return self.tensors, self.mask
 
     @property
     def device(self) -> torch.device:
@@ -96,10 +91,3 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
     """log(x / (1 - x)) with x clamped to [0, 1] and both x and 1 - x floored at eps (finite for x in {0, 1})."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python's `random`, NumPy and torch (CPU and every CUDA device). Add the rank for per-process seeds."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

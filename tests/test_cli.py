@@ -1,0 +1,29 @@
+"""util/cli.py: a bad command line is a one-line UsageError; --help still prints the help and exits 0."""
+import pytest
+
+from util.cli import ArgumentParser
+from util.errors import UsageError
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser('prog')
+    p.add_argument('--count', type=int)
+    p.add_argument('--name', required=True)
+    return p
+
+
+@pytest.mark.parametrize('argv,needle', [(['--name', 'x', '--count', 'many'], "--count: invalid int value: 'many'"),
+                                         (['--count', '1'], 'the following arguments are required: --name'),
+                                         (['--name', 'x', '--colour'], 'unrecognized arguments: --colour')])
+def test_errors_are_one_line_usage_errors(argv, needle):
+    with pytest.raises(UsageError) as info:
+        parser().parse_args(argv)
+    message = str(info.value)
+    assert needle in message and message.startswith('prog: ') and '(see prog --help)' in message
+    assert '\n' not in message
+
+
+def test_help_still_exits_zero(capsys):
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(['--help'])
+    assert info.value.code == 0 and '--count' in capsys.readouterr().out
