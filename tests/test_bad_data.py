@@ -66,12 +66,11 @@ def ends_with_one_line(root, tmp_path, capsys, *fragments, options=()):
 
 def runs_on(root, tmp_path, monkeypatch, *options) -> str:
     """Runs main.main up to building the model; returns the log it wrote."""
-    import models
 
     def stop(cfg):
         raise ReachedModel
 
-    monkeypatch.setattr(models, 'build_model', stop)
+    monkeypatch.setattr(main, 'build_model', stop)
     with pytest.raises(ReachedModel):
         main.main(main_args(root, tmp_path, *options))
     return (tmp_path / 'out' / 'info.txt').read_text()
