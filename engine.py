@@ -126,18 +126,23 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds,
              device: torch.device, output_dir: str | None = None, amp: bool = False,
-             print_freq: int = 10) -> tuple[dict, CocoEvaluator]:
+             print_freq: int = 10, missing_modality: str = 'none') -> tuple[dict, CocoEvaluator]:
     """Run the model over ``data_loader`` and score it with COCO bbox metrics against ``base_ds`` (a ``COCO``).
 
     Returns ``(stats, evaluator)``; ``stats`` holds the averaged loss and main weighted terms, ``coco_eval_bbox``
     (the 12 COCO numbers, AP first) and ``coco_eval_per_class`` ({class: [AP, AP50]}). With ``output_dir`` the main
     process writes the detections to ``output_dir/detections_bbox.json``. Every rank returns the same stats.
+    ``missing_modality`` ('none', 'rgb', 'ir': the data set's ``eval_missing_modality``, which blanks the image)
+    is logged and returned as ``stats['missing_modality']``.
     """
     model.eval()
     criterion.eval()
     weight_dict = criterion.weight_dict
     evaluator = CocoEvaluator(base_ds)
     metric_logger = MetricLogger(delimiter='  ')
+    if missing_modality != 'none':
+        logger.info(f'evaluation with the {missing_modality.upper()} image missing on every pair '
+                    f'(eval_missing_modality={missing_modality!r})')
     for samples_rgb, samples_ir, targets in metric_logger.log_every(data_loader, print_freq, 'Test:', logger):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
         targets = _targets_to(targets, device)
@@ -164,6 +169,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats['coco_eval_bbox'] = evaluator.stats.tolist()
     stats['coco_eval_per_class'] = {name: [ap, ap50] for name, ap, ap50 in evaluator.per_class}
+    stats['missing_modality'] = missing_modality
     return stats, evaluator
 
 

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
 
     if args.eval:
         stats, _ = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, output_dir, cfg.amp,
-                            cfg.print_freq)
+                            cfg.print_freq, cfg.eval_missing_modality)
         if dist.is_main_process():
             log_line(os.path.join(output_dir, 'log.txt'),
                      {'mode': 'eval', 'checkpoint': args.resume or args.pretrain_model_path,
@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
             raise NonFiniteLossError(f'{e}. Last good checkpoint: {kept}') from None
         lr_scheduler.step()
         stats, _ = evaluate(model, criterion, postprocessors, loader_val, base_ds, device, output_dir, cfg.amp,
-                            cfg.print_freq)
+                            cfg.print_freq, cfg.eval_missing_modality)
         ap = stats['coco_eval_bbox'][0]
         improved = ap > best_metric
         if improved:
