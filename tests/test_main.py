@@ -221,3 +221,19 @@ def test_bad_input_in_a_fresh_process_prints_no_traceback(data_root, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and 'Traceback' not in proc.stderr
     assert 'hiden_dim' in proc.stderr and 'hidden_dim' in proc.stderr, 'the error names the key and a suggestion'
+
+
+def test_eval_with_a_missing_modality_says_so_in_the_log_and_log_txt(data_root, tmp_path):
+    model, _, _ = build_model(tiny_config())
+    checkpoint = str(tmp_path / 'random.pth')
+    save_checkpoint({'model': model.state_dict(), 'epoch': 0}, checkpoint)
+    out = tmp_path / 'eval'
+    detections = {}
+    for missing in ('none', 'ir'):
+        assert main.main(cli(data_root, out, '--eval', '--resume', checkpoint,
+                             options=[f'eval_missing_modality={missing!r}'])) == 0
+        detections[missing] = json.loads((out / 'detections_bbox.json').read_text())
+    assert [r['test_missing_modality'] for r in read_log(out)] == ['none', 'ir']
+    info = (out / 'info.txt').read_text()
+    assert info.count('IR image missing on every pair') == 1 and 'RGB image missing' not in info
+    assert detections['none'] != detections['ir'], 'the model saw another IR input'
