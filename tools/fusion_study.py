@@ -97,7 +97,7 @@ def ensure_synthetic_data(root: Path, train_pairs: int, val_pairs: int, seed: in
     annotations = root / 'coco_annotations'
     if not ((annotations / 'LLVIP_train.json').is_file() and (annotations / 'LLVIP_test.json').is_file()):
         from datasets.synthetic import generate_synthetic_dataset
-        print(f'fusion-study: generating {train_pairs} + {val_pairs} synthetic pairs into {root}', file=sys.stderr)
+        print(f'fusion_study: generating {train_pairs} + {val_pairs} synthetic pairs into {root}', file=sys.stderr)
         generate_synthetic_dataset(str(root), num_train=train_pairs, num_val=val_pairs, seed=seed)
     return root.resolve()
 
@@ -130,13 +130,13 @@ def train_run(row: Row, seed: int, data: Path, out: Path, args: argparse.Namespa
         cmd += ['--resume', str(out / 'checkpoint.pth')]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     out.mkdir(parents=True, exist_ok=True)
-    print(f'fusion-study: {out.name}: training', file=sys.stderr, flush=True)
+    print(f'fusion_study: {out.name}: training', file=sys.stderr, flush=True)
     started = time.perf_counter()
     with open(out / 'stdout.txt', 'a', encoding='utf-8') as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
     if proc.returncode != 0:
         raise StudyError(f'training {out.name} failed (exit status {proc.returncode}); see {out / "stdout.txt"}')
-    print(f'fusion-study: {out.name}: trained in {(time.perf_counter() - started) / 60:.1f} min', file=sys.stderr,
+    print(f'fusion_study: {out.name}: trained in {(time.perf_counter() - started) / 60:.1f} min', file=sys.stderr,
           flush=True)
     return True
 
@@ -433,7 +433,7 @@ def run_study(args: argparse.Namespace) -> dict:
     for done, (seed, row) in enumerate(runs, start=1):
         out = work / run_name(row, seed, data, args)
         if not train_run(row, seed, data, out, args):
-            print(f'fusion-study: {out.name}: {args.epochs} epochs already there, reused', file=sys.stderr)
+            print(f'fusion_study: {out.name}: {args.epochs} epochs already there, reused', file=sys.stderr)
         results[row].append(evaluate_run(out, list(args.missing), gt, args.score_threshold, args.device))
         seconds[row].append(train_seconds(out))
         summary = summarise(rows, results, list(args.missing))
