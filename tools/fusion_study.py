@@ -3,16 +3,17 @@ synthetic RGB/IR data set and evaluate each with both images, with the RGB image
 
     python tools/fusion_study.py [--rows caff caff:0.3 concat concat:0.3 add add:0.3 rgb_only ir_only]
                                  [--seeds 42 43 44] [--missing none rgb ir] [--epochs 5]
-                                 [--train-pairs 200 --val-pairs 50] [--threads N] [--options lr_drop=4 ...]
+                                 [--train-pairs 200 --val-pairs 50] [--threads N] [--jobs N]
+                                 [--options lr_drop=4 ...]
                                  [--work-dir outputs/robustness] [--out docs/benchmarks/modality_robustness.md]
 
 Not in the reference. A row is ``FUSION_TYPE[:MODALITY_DROPOUT]``: any fusion type of ``models/fusion.py`` and the
 training probability of a missing image (``modality_dropout``, default 0). Every row is trained with the same
 budget, data and seeds: ``config/DINO/CAFF_tiny.py`` from scratch by ``main.py`` (one subprocess per row and seed,
-``--threads`` torch threads, every other key the same, ``--options`` added to all), on the synthetic data set
-(``datasets/synthetic.py``, generated into the work dir when absent). The checkpoint after the last epoch is then
-evaluated once per ``--missing`` condition (``eval_missing_modality``: 'none', 'rgb', 'ir'), in this process,
-through the same ``build_dataset`` / ``engine.evaluate`` path as ``main.py --eval``.
+``--threads`` torch threads, ``--jobs`` of them at a time, every other key the same, ``--options`` added to all),
+on the synthetic data set (``datasets/synthetic.py``, generated into the work dir when absent). The checkpoint
+after the last epoch is then evaluated once per ``--missing`` condition (``eval_missing_modality``: 'none', 'rgb',
+'ir'), in this process, through the same ``build_dataset`` / ``engine.evaluate`` path as ``main.py --eval``.
 
 The page has, per row and condition, COCO AP / AP50 as mean +- sample standard deviation over the seeds; recall at
 IoU 0.5 (detections of score >= ``--score-threshold``, matched one-to-one per class in score order) split by the
@@ -36,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,15 +114,16 @@ def completed_epochs(log_path: Path) -> list[dict]:
 
 def run_name(row: Row, seed: int, data: Path, args: argparse.Namespace) -> str:
     """Output folder name of one run: everything that changes its result is in it, so reuse is safe."""
-    setup = ' '.join([args.config, args.device, *args.options])
+    setup = ' '.join([args.config, args.device, f'threads={args.threads}', *args.options])
     return (f'{row.fusion_type}_drop{row.dropout:g}_e{args.epochs}_seed{seed}_{data.name}_'
             f'{hashlib.sha1(setup.encode()).hexdigest()[:8]}')
 
 
-def train_run(row: Row, seed: int, data: Path, out: Path, args: argparse.Namespace) -> bool:
-    """Train one row and seed through ``main.py`` into ``out``; False when ``out`` already holds every epoch."""
+def train_run(row: Row, seed: int, data: Path, out: Path, args: argparse.Namespace) -> Path:
+    """Train one row and seed through ``main.py`` into ``out`` (reused when it holds every epoch); returns ``out``."""
     if len(completed_epochs(out / 'log.txt')) >= args.epochs:
-        return False
+        print(f'fusion_study: {out.name}: {args.epochs} epochs already there, reused', file=sys.stderr)
+        return out
     cmd = [sys.executable, str(REPO_ROOT / 'main.py'), '-c', str(REPO_ROOT / args.config), '--dataset_file',
            'synthetic', '--coco_path', str(data), '--output_dir', str(out), '--seed', str(seed), '--device',
            args.device, '--num_workers', '0', '--options', f'fusion_type={row.fusion_type!r}',
@@ -138,7 +141,7 @@ def train_run(row: Row, seed: int, data: Path, out: Path, args: argparse.Namespa
         raise StudyError(f'training {out.name} failed (exit status {proc.returncode}); see {out / "stdout.txt"}')
     print(f'fusion_study: {out.name}: trained in {(time.perf_counter() - started) / 60:.1f} min', file=sys.stderr,
           flush=True)
-    return True
+    return out
 
 
 def train_seconds(out: Path) -> float:
@@ -367,7 +370,8 @@ def page_body(args: argparse.Namespace, rows: list[Row], summary: dict, gt: dict
         f'Machine: {machine}; load average when this page was written {load_average()}.', '',
         f'Budget, the same for every row: `{args.config}` from scratch by `main.py` with `fusion_type=<row>`, '
         f'`modality_dropout=<row>`{extra}, {args.epochs} epoch(s) on {args.device} with {args.threads} torch '
-        f'thread(s), seeds {", ".join(map(str, args.seeds))}, on the synthetic data set `{data.name}` '
+        f'thread(s) per run and {args.jobs} run(s) at a time, seeds {", ".join(map(str, args.seeds))}, on the '
+        f'synthetic data set `{data.name}` '
         f'({train_pairs} train pairs; {len(gt["images"])} val pairs, val objects by visibility: {objects}). '
         'Evaluated after the last epoch; a missing image is the zero tensor after normalisation (the dataset '
         'mean), on every val pair.', '',
@@ -405,6 +409,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config', default=STUDY_CONFIG, help=f'model/training config (default {STUDY_CONFIG})')
     parser.add_argument('--threads', type=int, default=torch.get_num_threads(),
                         help=f'CPU threads per run (default here: {torch.get_num_threads()})')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs trained at the same time, each with --threads threads (default 1)')
     parser.add_argument('--device', default='cpu', help="device of the runs (default 'cpu')")
     parser.add_argument('--score-threshold', type=float, default=0.3, help='for the recall columns (default 0.3)')
     parser.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE',
@@ -430,15 +436,20 @@ def run_study(args: argparse.Namespace) -> dict:
     seconds: dict[Row, list[float]] = {row: [] for row in rows}
     runs = [(seed, row) for seed in args.seeds for row in rows]  # seed-major: a partial table has every row
     summary = {}
-    for done, (seed, row) in enumerate(runs, start=1):
-        out = work / run_name(row, seed, data, args)
-        if not train_run(row, seed, data, out, args):
-            print(f'fusion_study: {out.name}: {args.epochs} epochs already there, reused', file=sys.stderr)
-        results[row].append(evaluate_run(out, list(args.missing), gt, args.score_threshold, args.device))
-        seconds[row].append(train_seconds(out))
-        summary = summarise(rows, results, list(args.missing))
-        body = page_body(args, rows, summary, gt, data, machine, started, done, len(runs), seconds)
-        write_page(args.out, args.title, body, echo=done == len(runs))
+    pool = ThreadPoolExecutor(max_workers=args.jobs)  # threads only wait for the main.py subprocesses
+    try:
+        futures = {pool.submit(train_run, row, seed, data, work / run_name(row, seed, data, args), args): row
+                   for seed, row in runs}
+        for done, future in enumerate(as_completed(futures), start=1):
+            row = futures[future]
+            out = future.result()
+            results[row].append(evaluate_run(out, list(args.missing), gt, args.score_threshold, args.device))
+            seconds[row].append(train_seconds(out))
+            summary = summarise(rows, results, list(args.missing))
+            body = page_body(args, rows, summary, gt, data, machine, started, done, len(runs), seconds)
+            write_page(args.out, args.title, body, echo=done == len(runs))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return summary
 
 
