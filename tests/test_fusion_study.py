@@ -125,7 +125,8 @@ def test_minuscule_study_end_to_end_and_resumed_after_a_kill(tmp_path, capsys):
     generate_synthetic_dataset(str(data), num_train=2, num_val=2, width=128, height=96)
     out = tmp_path / 'page.md'
     argv = ['--rows', 'caff:0.5', 'ir_only', '--seeds', '1', '2', '--epochs', '1', '--data', str(data),
-            '--threads', '1', '--work-dir', str(tmp_path / 'runs'), '--options', *TINY, '--out', str(out)]
+            '--threads', '1', '--jobs', '2', '--work-dir', str(tmp_path / 'runs'), '--options', *TINY,
+            '--out', str(out)]
     previous = torch.get_num_threads()
     assert fusion_study.main(argv) == 0
     assert torch.get_num_threads() == previous
