@@ -254,7 +254,9 @@ def evaluate_run(out: Path, conditions: list[str], gt: dict, score_threshold: fl
         recall = recall_by_visibility(gt, evaluator.results, score_threshold)
         results[condition] = {'ap': stats['coco_eval_bbox'][:3], 'epoch': int(checkpoint['epoch']),
                               'recall': {v: list(recall[v]) for v in VISIBILITIES}}
-        (out / f'eval_{condition}.json').write_text(json.dumps(results[condition]))
+        partial = out / f'eval_{condition}.json.tmp'  # renamed when complete: a kill leaves no torn cache
+        partial.write_text(json.dumps(results[condition]))
+        os.replace(partial, out / f'eval_{condition}.json')
     return results
 
 
