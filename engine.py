@@ -206,7 +206,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds,
              device: torch.device, output_dir: str | None = None, amp: bool = False,
-             print_freq: int = 10, image_id_map: dict | None = None) -> tuple[dict, CocoEvaluator]:
+             print_freq: int = 10, image_id_map: dict | None = None,
+             missing_modality: str = 'none') -> tuple[dict, CocoEvaluator]:
     """Run the model over ``data_loader`` and score it with COCO bbox metrics against ``base_ds`` (a ``COCO``).
 
     Returns ``(stats, evaluator)``; ``stats`` holds the averaged loss and main weighted terms, ``coco_eval_bbox``
@@ -216,6 +217,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     same stats. A data set with its own metric (``data_loader.dataset``, see ``build_benchmark_evaluator``) adds it
     under the evaluator's ``stats_key`` (KAIST: ``miss_rate`` = {all, day, night}). ``selection`` = {name, value} is
     the number to keep the best checkpoint by, higher is better: AP, or the benchmark's own (KAIST: 1 - MR^-2 all).
+    ``missing_modality`` ('none', 'rgb', 'ir': the data set's ``eval_missing_modality``, which blanks the image)
+    is logged and returned as ``stats['missing_modality']``.
     """
     model.eval()
     criterion.eval()
@@ -223,6 +226,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
     evaluator = CocoEvaluator(base_ds, image_id_map)
     benchmark = build_benchmark_evaluator(getattr(data_loader, 'dataset', None))
     metric_logger = MetricLogger(delimiter='  ')
+    if missing_modality != 'none':
+        logger.info(f'evaluation with the {missing_modality.upper()} image missing on every pair '
+                    f'(eval_missing_modality={missing_modality!r})')
     for samples_rgb, samples_ir, targets in metric_logger.log_every(_StepTogether(data_loader), print_freq, 'Test:',
                                                                     logger):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
@@ -260,6 +266,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
             logger.info(benchmark.summarize().rstrip('\n'))
         stats[benchmark.stats_key] = benchmark.stats_dict()
         stats['selection'] = benchmark.selection()
+    stats['missing_modality'] = missing_modality
     return stats, evaluator
 
 

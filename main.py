@@ -321,14 +321,16 @@ def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: 
             kept = f'{last_ckpt} (epoch {epoch - 1})' if os.path.exists(last_ckpt) else 'none (no epoch completed)'
             raise type(e)(f'{user_message(e)}. Last good checkpoint: {kept}') from None
         training.lr_scheduler.step()
-        stats, _ = evaluate(model, *eval_args, output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map)
+        stats, _ = evaluate(model, *eval_args, output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map,
+                            cfg.eval_missing_modality)
         selected = stats['selection']  # COCO AP, or the data set's own metric (KAIST: 1 - MR^-2 all)
         improved = selected['value'] > best.metric
         if improved:
             best.metric, best.epoch = selected['value'], epoch
         ema_stats, ema_improved = {}, False
         if ema is not None:
-            ema_stats, _ = evaluate(ema.module, *eval_args, None, cfg.amp, cfg.print_freq)
+            ema_stats, _ = evaluate(ema.module, *eval_args, None, cfg.amp, cfg.print_freq,
+                                    missing_modality=cfg.eval_missing_modality)
             ema_improved = ema_stats['selection']['value'] > best.ema_metric
             if ema_improved:
                 best.ema_metric, best.ema_epoch = ema_stats['selection']['value'], epoch
@@ -385,7 +387,8 @@ def evaluate_only(args: argparse.Namespace, cfg, training: Training, model: torc
     """``--eval``: one evaluation pass, its ``log.txt`` line and the detections file."""
     _, loader_val, _, dataset_val = loaders
     stats, _ = evaluate(model, training.criterion, training.postprocessors, loader_val, dataset_val.coco, device,
-                        cfg.output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map)
+                        cfg.output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map,
+                        cfg.eval_missing_modality)
     record = {'mode': 'eval', 'checkpoint': args.resume or args.pretrain_model_path,
               **{f'test_{k}': v for k, v in stats.items()}}
     dist.run_on_main(lambda: log_line(os.path.join(cfg.output_dir, 'log.txt'), record))

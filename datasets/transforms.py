@@ -14,6 +14,13 @@ What differs from the reference:
 - Scales, crop sizes and the strong photometric step come from the builder arguments (the reference hard-codes
   the COCO values and ignores the config).
 - No mask, padding, erasing or misalignment transforms (unused by CAFF-DINO's recipe).
+- Not in the reference: a missing modality (`missing_image`, `ModalityDropout` for training, `BlankModality`
+  for evaluation), applied after `Normalize`, so geometry and boxes are never touched.
+
+A missing image is represented in exactly one way, `missing_image(like)`: the zero tensor of the present image's
+shape after `Normalize`, i.e. an image at the normalisation mean (ImageNet's, the statistics the backbones were
+trained with; neither a black nor a white frame). Everything that blanks an image (the transforms below, the
+prediction tool) calls it.
 """
 import random
 from typing import Optional, Sequence
@@ -28,6 +35,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CHANNEL_PERMUTATIONS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+MODALITIES = ('rgb', 'ir')
+MISSING_MODALITY_CHOICES = ('none',) + MODALITIES  # values of the config key eval_missing_modality
 
 # Fields holding one entry per object; filtered together when a crop removes an object.
 PER_OBJECT_FIELDS = ('boxes', 'labels', 'area', 'iscrowd')
@@ -274,15 +284,73 @@ class Normalize:
         return f'{type(self).__name__}(mean={self.mean}, std={self.std})'
 
 
+def missing_image(like: torch.Tensor) -> torch.Tensor:
+    """The representation of a missing image: zeros shaped like the normalised (3, H, W) image ``like``.
+
+    Zero after ``Normalize`` is the normalisation mean, so a missing image is a flat frame at the mean colour.
+    Same shape, dtype and device as ``like``; ``like`` itself is not modified.
+    """
+    return torch.zeros_like(like)
+
+
+def blank_modality(rgb: torch.Tensor, ir: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rgb, ir)`` with the image of ``modality`` ('rgb' or 'ir') replaced by ``missing_image``."""
+    if modality == 'rgb':
+        return missing_image(rgb), ir
+    if modality == 'ir':
+        return rgb, missing_image(ir)
+    raise ValueError(f"blank_modality: modality {modality!r} is not one of {MODALITIES}")
+
+
+class ModalityDropout:
+    """Training: with probability ``p`` one image of the pair becomes ``missing_image``, never both.
+
+    Which one is drawn with equal chance (``random.random() < p``, then ``random.choice(('rgb', 'ir'))``). Runs on
+    normalised tensors, after every geometric step, so the sizes, the other image and the target are unchanged.
+    """
+
+    def __init__(self, p: float):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f'modality_dropout={p!r}: it is a probability, give a value in [0, 1]')
+        self.p = p
+
+    def __call__(self, rgb, ir, target):
+        if random.random() < self.p:
+            rgb, ir = blank_modality(rgb, ir, random.choice(MODALITIES))
+        return rgb, ir, target
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(p={self.p})'
+
+
+class BlankModality:
+    """Evaluation: the image of ``modality`` ('rgb' or 'ir') becomes ``missing_image`` on every pair."""
+
+    def __init__(self, modality: str):
+        if modality not in MODALITIES:
+            raise ValueError(f'BlankModality: modality {modality!r} is not one of {MODALITIES}')
+        self.modality = modality
+
+    def __call__(self, rgb, ir, target):
+        rgb, ir = blank_modality(rgb, ir, self.modality)
+        return rgb, ir, target
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}({self.modality!r})'
+
+
 def make_train_transforms(scales: Sequence[int], max_size: int, crop_resize_scales: Sequence[int],
-                          crop_size: Sequence[int], strong_aug: bool = True) -> Compose:
+                          crop_size: Sequence[int], strong_aug: bool = True,
+                          modality_dropout: float = 0.0) -> Compose:
     """The reference training recipe (CAFF-DINO `make_coco_transforms_RGBT('train')`).
 
     flip(0.5) -> one of {RandomResize(scales, max_size)} or {RandomResize(crop_resize_scales) ->
     RandomSizeCrop(*crop_size) -> RandomResize(scales, max_size)} with p 0.5 -> if strong_aug, one of
-    {channel permutation, brightness, contrast} -> ToTensor -> ImageNet Normalize.
+    {channel permutation, brightness, contrast} -> ToTensor -> ImageNet Normalize -> if modality_dropout > 0,
+    ``ModalityDropout(modality_dropout)`` (not in the reference; at 0 the step is left out, so the random stream
+    and the recipe are exactly the reference's).
     Reference values: scales 480..800 step 32, max_size 1333, crop_resize_scales [400, 500, 600],
-    crop_size [384, 600], strong_aug True.
+    crop_size [384, 600], strong_aug True, no modality dropout.
     """
     if len(crop_size) != 2:
         raise ValueError(f'crop_size must be [min, max], got {list(crop_size)}')
@@ -296,9 +364,19 @@ def make_train_transforms(scales: Sequence[int], max_size: int, crop_resize_scal
     if strong_aug:
         steps.append(RandomChoice([ChannelPermutation(), AdjustBrightness(2.0), AdjustContrast(2.0)]))
     steps += [ToTensor(), Normalize()]
+    if modality_dropout:
+        steps.append(ModalityDropout(modality_dropout))
     return Compose(steps)
 
 
-def make_eval_transforms(size: int, max_size: int) -> Compose:
-    """Evaluation: short side `size`, long side <= `max_size` (reference 800 / 1333), then Normalize."""
-    return Compose([RandomResize([size], max_size=max_size), ToTensor(), Normalize()])
+def make_eval_transforms(size: int, max_size: int, missing_modality: str = 'none') -> Compose:
+    """Evaluation: short side `size`, long side <= `max_size` (reference 800 / 1333), then Normalize.
+
+    ``missing_modality`` 'rgb' or 'ir' appends ``BlankModality(missing_modality)``; 'none' (the reference) does not.
+    """
+    if missing_modality not in MISSING_MODALITY_CHOICES:
+        raise ValueError(f'eval_missing_modality={missing_modality!r}: choose one of {MISSING_MODALITY_CHOICES}')
+    steps = [RandomResize([size], max_size=max_size), ToTensor(), Normalize()]
+    if missing_modality != 'none':
+        steps.append(BlankModality(missing_modality))
+    return Compose(steps)

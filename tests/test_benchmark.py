@@ -1,17 +1,12 @@
-"""tools/benchmark.py: e2e and fusion-study with minimal budgets on tiny models, and the recall bookkeeping."""
-
-
+"""tools/benchmark.py: the e2e table with minimal budgets on tiny models; moved sub-commands say where they went."""
 import pytest
 import torch
 
-from datasets.synthetic import generate_synthetic_dataset
 from tools import benchmark
 
 # A CAFF_tiny made smaller still; images of 128 x 96 keep the stride-64 level above 1 x 1 (GroupNorm).
 TINY = ['hidden_dim=32', 'nheads=2', 'enc_layers=1', 'dec_layers=1', 'dim_feedforward=32', 'num_queries=8',
         'num_select=8', 'dn_number=2']
-TINY_DATA = ['data_aug_scales=[96]', 'data_aug_max_size=128', 'data_aug_scales2_resize=[96]',
-             'data_aug_scales2_crop=[64,96]', 'eval_size=96', 'eval_max_size=128', 'batch_size=2']
 
 
 def _table_rows(page: str) -> list[list[str]]:
@@ -24,9 +19,13 @@ def _number(cell: str) -> float:
 
 
 def test_measure_model_splits_the_forward(repo_root):
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
-    result = benchmark.measure_model('config/DINO/CAFF_tiny.py', 96, 128, warmup=0, repeats=2,
-                                     options=['msda_backend=pytorch', *TINY])
+    try:
+        result = benchmark.measure_model('config/DINO/CAFF_tiny.py', 96, 128, warmup=0, repeats=2,
+                                         options=['msda_backend=pytorch', *TINY])
+    finally:
+        torch.set_num_threads(previous)
     assert len(result['total']) == 2
     for i, total in enumerate(result['total']):
         parts = result['backbones'][i] + result['fusion'][i] + result['transformer'][i]
@@ -57,60 +56,16 @@ def test_e2e_failure_is_one_line(capsys):
     assert err[-1].startswith('error: e2e: measuring config/DINO/no_such.py')
 
 
-def test_fusion_study_table_has_every_fusion_type(tmp_path):
-    data = tmp_path / 'data'
-    generate_synthetic_dataset(str(data), num_train=2, num_val=2, width=128, height=96)
-    out = tmp_path / 'study.md'
-    argv = ['fusion-study', '--fusion-types', 'caff', 'ir_only', '--epochs', '1', '--data', str(data),
-            '--threads', '1', '--work-dir', str(tmp_path / 'runs'), '--options', *TINY, *TINY_DATA,
-            '--out', str(out)]
-    assert benchmark.main(argv) == 0
-    page = out.read_text()
-    rows = _table_rows(page)
-    assert [row[0] for row in rows] == ['`caff`', '`ir_only`']
-    for row in rows:
-        assert all(0 <= _number(c) <= 100 for c in row[1:4])  # AP, AP50, AP75 in %
-        assert row[-1].endswith('min')
-    assert 'Verdict:' in page
-    # a second call reuses the finished runs instead of training again
-    assert benchmark.main(argv) == 0
-    assert [row[-1] for row in _table_rows(out.read_text())] == ['reused', 'reused']
+@pytest.mark.parametrize('command, tool', [('msda', 'tools/bench_msda.py'),
+                                           ('fusion-study', 'tools/fusion_study.py')])
+def test_moved_sub_commands_name_their_tool(command, tool, capsys):
+    assert benchmark.main([command, '--repeats', '2']) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f'error: `tools/benchmark.py {command}` is now `python {tool} ')
 
 
-def _ann(ann_id, image_id, bbox, visibility, category_id=1):
-    return {'id': ann_id, 'image_id': image_id, 'bbox': bbox, 'category_id': category_id, 'iscrowd': 0,
-            'visibility': visibility}
-
-
-def test_recall_by_visibility_matches_one_to_one_per_class():
-    gt = {'annotations': [_ann(1, 1, [0, 0, 10, 10], 'both'), _ann(2, 1, [50, 50, 10, 10], 'rgb'),
-                          _ann(3, 2, [0, 0, 20, 20], 'ir'), _ann(4, 2, [40, 0, 20, 20], 'ir', category_id=2)]}
-    detections = [
-        {'image_id': 1, 'category_id': 1, 'bbox': [0, 0, 10, 10], 'score': 0.9},   # finds gt 1
-        {'image_id': 1, 'category_id': 1, 'bbox': [1, 0, 10, 10], 'score': 0.8},   # duplicate: gt 1 is taken
-        {'image_id': 1, 'category_id': 1, 'bbox': [50, 50, 10, 10], 'score': 0.1},  # below the threshold
-        {'image_id': 2, 'category_id': 1, 'bbox': [40, 0, 20, 20], 'score': 0.9},  # wrong class for gt 4
-        {'image_id': 2, 'category_id': 1, 'bbox': [0, 0, 20, 30], 'score': 0.7},   # IoU 2/3 with gt 3
-    ]
-    recall = benchmark.recall_by_visibility(gt, detections, score_threshold=0.3)
-    assert recall == {'both': (1, 1), 'rgb': (0, 1), 'ir': (1, 2)}
-
-
-def test_verdict_names_the_winner():
-    def row(name, ap):
-        return {'fusion_type': name, 'ap': [ap, ap, ap]}
-
-    assert 'fusion wins' in benchmark.study_verdict([row('caff', 0.5), row('rgb_only', 0.3), row('ir_only', 0.4)])
-    assert 'does NOT win' in benchmark.study_verdict([row('caff', 0.2), row('ir_only', 0.4)])
-
-
-def test_msda_passes_its_arguments_through(monkeypatch):
-    import sys
-
-    import tools
-    seen = []
-    fake = type('FakeBench', (), {'main': staticmethod(lambda argv: seen.append(argv))})
-    monkeypatch.setitem(sys.modules, 'tools.bench_msda', fake)
-    monkeypatch.setattr(tools, 'bench_msda', fake, raising=False)
-    assert benchmark.main(['msda', '--repeats', '2']) == 0
-    assert seen == [['--repeats', '2']]
+def test_e2e_restores_the_thread_count(tmp_path):
+    previous = torch.get_num_threads()
+    argv = ['e2e', '--models', 'config/DINO/no_such.py', '--repeats', '1', '--threads', str(previous + 1)]
+    assert benchmark.main(argv) == 2
+    assert torch.get_num_threads() == previous

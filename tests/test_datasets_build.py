@@ -103,3 +103,20 @@ def test_config_errors_name_the_value(synthetic_root):
         build_dataset('train', cfg)
     with pytest.raises(ValueError, match='category_id 2, outside'):
         build_dataset('train', tiny_cfg(synthetic_root, num_classes=2))
+
+
+def test_eval_missing_modality_blanks_that_image_of_every_val_pair(synthetic_root):
+    plain = build_dataset('val', tiny_cfg(synthetic_root))
+    no_ir = build_dataset('val', tiny_cfg(synthetic_root, eval_missing_modality='ir'))
+    for index in range(len(plain)):
+        rgb, ir, target = plain[index]
+        b_rgb, b_ir, b_target = no_ir[index]
+        assert torch.equal(b_rgb, rgb) and b_ir.shape == ir.shape and not b_ir.any() and ir.any()
+        assert torch.equal(b_target['boxes'], target['boxes'])
+
+
+def test_modality_dropout_reaches_the_train_split(synthetic_root):
+    ds = build_dataset('train', tiny_cfg(synthetic_root, modality_dropout=1.0))
+    for index in range(len(ds)):
+        rgb, ir, _ = ds[index]
+        assert rgb.shape == ir.shape and (rgb.any() != ir.any()), 'exactly one image of each pair is missing'

@@ -21,7 +21,8 @@ from datasets import build_dataset
 from datasets.synthetic import generate_synthetic_dataset
 from engine import evaluate
 from models import build_model
-from tools.detector import Detector, MissingModalityWarning, blank_image
+from datasets.transforms import missing_image
+from tools.detector import Detector, MissingModalityWarning
 from util.checkpoint import CheckpointError, save_checkpoint
 from util.config import load_config
 from util.errors import UsageError
@@ -146,7 +147,7 @@ def test_missing_image_is_the_blank_image_with_one_warning(workspace):
         out = det.model([rgb_t], [torch.zeros_like(rgb_t)])
     expected = det.postprocess(out, torch.tensor([[HEIGHT, WIDTH]]))[0]
     _assert_same(result, expected)
-    assert torch.equal(blank_image(rgb_t), torch.zeros_like(rgb_t))
+    assert torch.equal(missing_image(rgb_t), torch.zeros_like(rgb_t))
 
     with pytest.warns(MissingModalityWarning) as record:
         batch = det.predict([None, rgb_path, rgb_path], [ir_path, ir_path, None], score_threshold=0.0)

@@ -13,7 +13,8 @@ import torch
 
 import main
 from datasets.synthetic import generate_synthetic_dataset
-from util.checkpoint import load_checkpoint
+from models import build_model
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,3 +183,19 @@ def test_ema_weights_are_evaluated_logged_and_kept(data_root, tmp_path, cli):
     # evaluating the kept file gives the EMA numbers of the log
     assert main.main(cli(data_root, out, '--eval', '--resume', str(out / 'checkpoint_best_ema.pth'))) == 0
     assert read_log(out)[-1]['test_coco_eval_bbox'] == pytest.approx(record['ema_test_coco_eval_bbox'], abs=1e-6)
+
+
+def test_eval_with_a_missing_modality_says_so_in_the_log_and_log_txt(data_root, tmp_path, cli, tiny_run_options):
+    model, _, _ = build_model(load_config(REPO / TINY, tiny_run_options))
+    checkpoint = str(tmp_path / 'random.pth')
+    save_checkpoint({'model': model.state_dict(), 'epoch': 0}, checkpoint)
+    out = tmp_path / 'eval'
+    detections = {}
+    for missing in ('none', 'ir'):
+        assert main.main(cli(data_root, out, '--eval', '--resume', checkpoint,
+                             options=[f'eval_missing_modality={missing!r}'])) == 0
+        detections[missing] = json.loads((out / 'detections_bbox.json').read_text())
+    assert [r['test_missing_modality'] for r in read_log(out)] == ['none', 'ir']
+    info = (out / 'info.txt').read_text()
+    assert info.count('IR image missing on every pair') == 1 and 'RGB image missing' not in info
+    assert detections['none'] != detections['ir'], 'the model saw another IR input'

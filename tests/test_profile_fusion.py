@@ -1,8 +1,11 @@
-"""Tests for tools/profile_fusion.py on the tiny config: counted FLOPs equal the hand count, the table is complete."""
+"""Tests for tools/profile_fusion.py on the tiny config: counted FLOPs equal the hand count, the table is complete,
+and the one part-timer (also used by tools/benchmark.py) sums each group's calls per forward."""
+import time
+
 import pytest
 import torch
 
-from tools.profile_fusion import count_flops, markdown_table, time_parts
+from tools.profile_fusion import PartTimer, count_flops, markdown_table, time_parts
 
 
 def caff_level_macs(channels, height, width, kernels=(1, 5, 7), stages=2, proj=64):
@@ -44,3 +47,30 @@ def test_timing_and_table_cover_every_part(tiny):
     flops, total_flops, shapes = count_flops(tiny, 64, 64)
     table = markdown_table(flops, total_flops, shapes, per_part_time, total_time)
     assert table.count('| fusion level ') == 4 and '**whole model**' in table
+
+
+class Sleeper(torch.nn.Module):
+    """Takes ``seconds`` of wall time per call and returns its input."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def test_part_timer_sums_each_group_per_forward_and_clears():
+    a, b, c = Sleeper(0.02), Sleeper(0.01), Sleeper(0.0)
+    timer = PartTimer({'ab': [a, b], 'c': [c]})
+    x = torch.zeros(1)
+    a(b(a(x)))  # one "forward": a twice, b once
+    c(x)
+    first = timer.take()
+    assert first['ab'] == pytest.approx(0.05, abs=0.03) and first['ab'] >= 0.05
+    assert 0 <= first['c'] < first['ab']
+    assert timer.take() == {'ab': 0.0, 'c': 0.0}, 'take() clears the record'
+    timer.remove()
+    a(x)
+    assert timer.take() == {'ab': 0.0, 'c': 0.0}, 'removed hooks record nothing'

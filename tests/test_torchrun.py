@@ -1,6 +1,7 @@
 """DDP on CPU (gloo, 2 processes): ``torchrun --nproc_per_node=2 main.py`` trains one epoch, evaluates across both
 ranks, and both ranks end with identical weights; a user error, whether every rank meets it or only one, ends the
-run with one line from rank 0 and exit status 2 on every rank, without a hang."""
+run with one line from rank 0 and exit status 2 on every rank, without a hang;
+``--eval`` with ``eval_missing_modality`` gives the single-process result."""
 import json
 import os
 import re
@@ -140,3 +141,41 @@ def test_under_torchrun_a_bad_run_prints_one_error_line(tmp_path, data, tiny_run
     # the rest is torchrun's own report (its launcher traceback and a summary), with no frame of our code in it
     assert proc.stderr.count('exitcode  : 2') == 2, 'both ranks exited with the user-error status'
     assert not re.search(rf'File "{re.escape(str(REPO))}/(?!\.venv/)', proc.stderr), proc.stderr
+
+
+def test_two_process_eval_with_the_ir_image_missing_equals_one_process(tmp_path, tiny_run_options):
+    import main
+    from models import build_model
+    from util.checkpoint import save_checkpoint
+    from util.config import load_config
+
+    data = tmp_path / 'data'
+    generate_synthetic_dataset(str(data), num_train=4, num_val=4, width=128, height=96)
+    cfg = load_config(REPO / 'config/DINO/CAFF_tiny.py', tiny_run_options)
+    checkpoint = tmp_path / 'random.pth'
+    save_checkpoint({'model': build_model(cfg)[0].state_dict(), 'epoch': 0}, str(checkpoint))
+
+    def argv(out):
+        return ['-c', str(REPO / 'config/DINO/CAFF_tiny.py'), '--coco_path', str(data), '--output_dir', str(out),
+                '--device', 'cpu', '--num_workers', '0', '--eval', '--resume', str(checkpoint),
+                '--options', *tiny_run_options, "eval_missing_modality='ir'"]
+
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'main.py'), *argv(tmp_path / 'ddp')], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main.main(argv(tmp_path / 'single')) == 0
+    records = {name: [json.loads(line) for line in (tmp_path / name / 'log.txt').read_text().splitlines()]
+               for name in ('ddp', 'single')}
+    (ddp,), (single,) = records['ddp'], records['single']
+    assert ddp['mode'] == 'eval' and ddp['test_missing_modality'] == single['test_missing_modality'] == 'ir'
+    assert ddp['test_coco_eval_bbox'] == single['test_coco_eval_bbox']
+    assert 'IR image missing on every pair' in (tmp_path / 'ddp' / 'info.txt').read_text()
+    detections = {name: sorted(json.loads((tmp_path / name / 'detections_bbox.json').read_text()),
+                               key=lambda d: (d['image_id'], -d['score']))
+                  for name in ('ddp', 'single')}
+    assert len(detections['ddp']) == len(detections['single']) > 0
+    for a, b in zip(detections['ddp'], detections['single']):
+        assert a['image_id'] == b['image_id'] and a['category_id'] == b['category_id']
+        assert a['score'] == pytest.approx(b['score'], abs=1e-5)

@@ -209,3 +209,77 @@ def test_eval_transform_resizes_to_eval_size():
     assert rgb.shape == ir.shape == (3, 128, 160)
     assert target['size'].tolist() == [128, 160]
     assert target['orig_size'].tolist() == [H, W]
+
+
+# ------------------------------------------------------------------------------------------- missing modality
+
+def test_missing_image_is_the_normalisation_mean():
+    rgb, ir, _ = T.make_eval_transforms(128, 1333)(*make_pair())
+    blank = T.missing_image(rgb)
+    assert blank.shape == rgb.shape and blank.dtype == rgb.dtype and not blank.any()
+    mean = torch.tensor(T.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(T.IMAGENET_STD)[:, None, None]
+    assert torch.allclose(blank * std + mean, mean.expand_as(blank))  # un-normalised: a flat frame at the mean
+    assert rgb.abs().sum() > 0, 'the image it was shaped on is left as it was'
+
+
+def _recipe(modality_dropout):
+    return T.make_train_transforms([96, 112, 128], 200, [100, 120], [64, 100], strong_aug=True,
+                                   modality_dropout=modality_dropout)
+
+
+def test_modality_dropout_never_blanks_both_and_picks_each_image_about_half_the_time():
+    dropout = T.ModalityDropout(1.0)
+    rgb, ir, target = T.make_eval_transforms(128, 1333)(*make_pair())
+    random.seed(0)
+    missing = []
+    for _ in range(400):
+        out_rgb, out_ir, out_target = dropout(rgb, ir, target)
+        blank = (not out_rgb.any(), not out_ir.any())
+        assert blank in ((True, False), (False, True)), 'exactly one image is missing'
+        kept = out_ir if blank[0] else out_rgb
+        assert torch.equal(kept, ir if blank[0] else rgb)
+        assert out_target is target
+        missing.append('rgb' if blank[0] else 'ir')
+    assert 160 < missing.count('rgb') < 240  # 400 fair draws: 200 +- 4 standard deviations
+
+
+def test_modality_dropout_rate():
+    dropout = T.ModalityDropout(0.3)
+    rgb, ir, target = T.make_eval_transforms(128, 1333)(*make_pair())
+    random.seed(1)
+    blanked = sum(not (a.any() and b.any()) for a, b, _ in (dropout(rgb, ir, target) for _ in range(1000)))
+    assert 255 < blanked < 345  # 300 +- 3 standard deviations (sqrt(1000 * 0.3 * 0.7) = 14.5)
+
+
+def test_modality_dropout_keeps_geometry_and_boxes_of_the_recipe():
+    plain, dropped = _recipe(0.0), _recipe(1.0)
+    assert not any(isinstance(t, T.ModalityDropout) for t in plain.transforms), \
+        'at 0 the step is absent, so the random stream is the reference recipe'
+    for seed in range(12):
+        random.seed(seed)
+        rgb, ir, target = plain(*make_pair())
+        random.seed(seed)
+        d_rgb, d_ir, d_target = dropped(*make_pair())
+        assert d_rgb.shape == rgb.shape and d_ir.shape == ir.shape
+        assert d_target.keys() == target.keys()
+        assert all(torch.equal(d_target[k], target[k]) for k in target)
+        assert (torch.equal(d_rgb, rgb) and not d_ir.any()) or (torch.equal(d_ir, ir) and not d_rgb.any())
+
+
+@pytest.mark.parametrize('modality', ['rgb', 'ir'])
+def test_eval_blanks_exactly_the_named_modality(modality):
+    rgb, ir, target = T.make_eval_transforms(128, 1333)(*make_pair())
+    b_rgb, b_ir, b_target = T.make_eval_transforms(128, 1333, missing_modality=modality)(*make_pair())
+    blanked, kept, original = (b_rgb, b_ir, ir) if modality == 'rgb' else (b_ir, b_rgb, rgb)
+    assert blanked.shape == kept.shape == (3, 128, 160) and not blanked.any()
+    assert torch.equal(kept, original)
+    assert all(torch.equal(b_target[k], target[k]) for k in target)
+
+
+def test_missing_modality_values_are_checked():
+    with pytest.raises(ValueError, match="eval_missing_modality='thermal'"):
+        T.make_eval_transforms(128, 1333, missing_modality='thermal')
+    with pytest.raises(ValueError, match='modality_dropout=1.5'):
+        _recipe(1.5)
+    assert not any(isinstance(t, T.BlankModality) for t in T.make_eval_transforms(128, 1333, 'none').transforms)

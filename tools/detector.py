@@ -22,8 +22,8 @@ Inputs, for ``rgb`` and ``ir`` each (the two images of a pair must have the same
 Arrays and tensors are ``uint8`` (0..255) or floating point in [0, 1]; floating point values are rounded to
 8 bits, which is what the evaluation loop sees when it reads an image file.
 
-A missing image (``None``) is replaced, after normalisation, by :func:`blank_image`: the zero tensor, i.e. the
-ImageNet mean in pixel space, of the size of its partner; one ``MissingModalityWarning`` per ``predict`` call
+A missing image (``None``) is replaced, after normalisation, by ``datasets.transforms.missing_image``: the zero
+tensor, i.e. the ImageNet mean in pixel space, of the size of its partner; one ``MissingModalityWarning`` per ``predict`` call
 says how many pairs had which image missing. A pair with both images missing is an error.
 
 Output: one dict per pair (a list for a batch): ``boxes`` ``(k, 4)`` float xyxy in the pixels of the original
@@ -45,8 +45,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from datasets.pairs import BadPairError, read_image
-from datasets.transforms import make_eval_transforms
+from datasets.images import DEFAULT_BIT_DEPTH, BadPairError, BitDepthRule, read_image, to_rgb
+from datasets.transforms import make_eval_transforms, missing_image
 from util.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
 from util.config import KNOWN_KEYS_FILE, ConfigError, config_from_dict, load_config
 from util.device import resolve_device
@@ -58,16 +58,7 @@ MODALITIES = ('rgb', 'ir')
 
 
 class MissingModalityWarning(UserWarning):
-    """A pair was predicted with one of its two images missing (replaced by :func:`blank_image`)."""
-
-
-def blank_image(like: torch.Tensor) -> torch.Tensor:
-    """The representation of a missing image: zeros shaped like the normalised image ``like`` ``(3, H, W)``.
-
-    After the ImageNet normalisation ``(x - mean) / std`` zero is the mean image, the least informative input the
-    network has seen. (The training-time modality dropout uses the same representation.)
-    """
-    return torch.zeros_like(like)
+    """A pair was predicted with one of its two images missing (replaced by :func:`datasets.transforms.missing_image`)."""
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -163,12 +154,16 @@ def _array_to_pil(array: np.ndarray, what: str) -> PIL.Image.Image:
     return image.convert('RGB')
 
 
-def to_pil(image: ImageInput, what: str) -> PIL.Image.Image:
-    """One input image (path, PIL image, array or tensor; see the module docstring) as an RGB PIL image."""
+def to_pil(image: ImageInput, what: str, bit_depth: BitDepthRule = DEFAULT_BIT_DEPTH) -> PIL.Image.Image:
+    """One input image (path, PIL image, array or tensor; see the module docstring) as an RGB PIL image.
+
+    Files and PIL images follow the data sets' reading rule (``datasets/images.py``: EXIF orientation for files,
+    images wider than 8 bits mapped to 0..255 by ``bit_depth``, any channel layout to RGB).
+    """
     if isinstance(image, (str, os.PathLike)):
-        return read_image(os.fspath(image))
+        return read_image(os.fspath(image), bit_depth)
     if isinstance(image, PIL.Image.Image):
-        return image.convert('RGB')
+        return to_rgb(image, bit_depth)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dim() == 3:
@@ -230,6 +225,8 @@ class Detector:
         self.device = device
         self.class_names = dict(class_names or {})
         self.config = config
+        self.bit_depth = (BitDepthRule(config.high_bit_depth_rule, config.high_bit_depth_limits)
+                          if config is not None else DEFAULT_BIT_DEPTH)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], config: Union[str, os.PathLike, None] = None,
@@ -271,7 +268,7 @@ class Detector:
     def preprocess(self, rgb: Optional[PIL.Image.Image], ir: Optional[PIL.Image.Image]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The evaluation transform of one pair: two normalised ``(3, h, w)`` tensors; a missing image (None) is
-        :func:`blank_image` of its partner's size."""
+        :func:`datasets.transforms.missing_image` of its partner's size."""
         if rgb is None and ir is None:
             raise UsageError('predict: both images of a pair are missing; give at least one')
         if rgb is not None and ir is not None and rgb.size != ir.size:
@@ -280,9 +277,9 @@ class Detector:
         present = rgb if rgb is not None else ir
         rgb_t, ir_t, _ = self.transform(present if rgb is None else rgb, present if ir is None else ir, {})
         if rgb is None:
-            rgb_t = blank_image(rgb_t)
+            rgb_t = missing_image(rgb_t)
         if ir is None:
-            ir_t = blank_image(ir_t)
+            ir_t = missing_image(ir_t)
         return rgb_t, ir_t
 
     @torch.no_grad()
@@ -313,8 +310,8 @@ class Detector:
         for i, (r, t) in enumerate(zip(rgbs, irs)):
             if r is None and t is None:
                 raise UsageError(f'predict: both images of pair {i} are missing; give at least one of them')
-        pairs = [(None if r is None else to_pil(r, f'rgb[{i}]' if batched else 'rgb'),
-                  None if t is None else to_pil(t, f'ir[{i}]' if batched else 'ir'))
+        pairs = [(None if r is None else to_pil(r, f'rgb[{i}]' if batched else 'rgb', self.bit_depth),
+                  None if t is None else to_pil(t, f'ir[{i}]' if batched else 'ir', self.bit_depth))
                  for i, (r, t) in enumerate(zip(rgbs, irs))]
         warning = missing_summary(['rgb' if r is None else 'ir' if t is None else None for r, t in pairs])
         if warning is not None:

@@ -30,7 +30,7 @@ checkpoint of the reference code, its saved run arguments).
 
 Missing modality: a pair may lack one image (``--rgb`` without ``--ir`` or the other way round; in folder mode an
 image without a partner of the same name; one folder alone). It is predicted with that image replaced by the mean
-image (``tools.detector.blank_image``), drawn black, and one warning on stderr says how many pairs lacked which
+image (``datasets.transforms.missing_image``), drawn black, and one warning on stderr says how many pairs lacked which
 image. A file named on the command line that does not exist is still an error.
 Errors (missing partner file, unreadable image, bad checkpoint or config) end the run with one line on stderr
 and exit status 2.
@@ -52,7 +52,8 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 from datasets.coco_eval import CocoEvaluator
-from datasets.pairs import BadPairError, boxes_to_target, coco_from_dict, read_image
+from datasets.images import DEFAULT_BIT_DEPTH, BadPairError, BitDepthRule, read_image
+from datasets.pairs import boxes_to_target, coco_from_dict
 from tools.detector import Detector, MissingModalityWarning, category_names, config_for_checkpoint, missing_summary
 from util.checkpoint import load_checkpoint
 from util.config import parse_options
@@ -130,10 +131,12 @@ def split_pairs(dataset) -> list[PairItem]:
     return items
 
 
-def read_pair(item: PairItem) -> tuple[Optional[PIL.Image.Image], Optional[PIL.Image.Image]]:
-    """The two images of ``item`` (None where missing); a size mismatch is an error naming both files."""
-    rgb = read_image(item.rgb_path) if item.rgb_path is not None else None
-    ir = read_image(item.ir_path) if item.ir_path is not None else None
+def read_pair(item: PairItem, bit_depth: BitDepthRule = DEFAULT_BIT_DEPTH
+              ) -> tuple[Optional[PIL.Image.Image], Optional[PIL.Image.Image]]:
+    """The two images of ``item`` (None where missing), read by the data sets' rule (``datasets/images.py``); a
+    size mismatch is an error naming both files."""
+    rgb = read_image(item.rgb_path, bit_depth) if item.rgb_path is not None else None
+    ir = read_image(item.ir_path, bit_depth) if item.ir_path is not None else None
     if rgb is not None and ir is not None and rgb.size != ir.size:
         raise BadPairError(f'{item.rgb_path} is {rgb.width}x{rgb.height} but its partner {item.ir_path} is '
                            f'{ir.width}x{ir.height} (WxH); the pair must be registered to one size')
@@ -205,7 +208,7 @@ def predict(detector: Detector, items: list[PairItem], out_dir: str, names: dict
                               coco_from_dict({'images': [], 'annotations': [], 'categories': []}), image_id_map)
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
-        pairs = [read_pair(item) for item in batch]
+        pairs = [read_pair(item, detector.bit_depth) for item in batch]
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', MissingModalityWarning)
             results = detector.predict([rgb for rgb, _ in pairs], [ir for _, ir in pairs], score_threshold=0.0,
@@ -290,7 +293,7 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
         image_id_map = dataset.image_id_map
     elif mode == 'pair':
         items, gt_coco = single_pair(args.rgb, args.ir), None
-        read_pair(items[0])
+        read_pair(items[0], BitDepthRule(cfg.high_bit_depth_rule, cfg.high_bit_depth_limits))
     else:
         items, gt_coco = folder_pairs(args.rgb_dir, args.ir_dir), None
     detector = Detector.from_config(cfg, checkpoint['model'], args.device or cfg.device,

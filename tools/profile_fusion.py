@@ -8,9 +8,10 @@ Builds the model of the config with random weights (no download) and runs one in
 image pair. FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (nothing is
 computed; 2 FLOPs per multiply-accumulate; convolutions, matmuls, linear layers and attention; element-wise ops,
 softmax, interpolation and the deformable-attention sampling are not counted). Time is wall time on the CPU,
-measured by forward hooks around each ``conv_corr[l]``/``redim_corr[l]``, both backbones, the transformer and the
-whole model; the deformable attention uses the pure-PyTorch path so that nothing is compiled. Prints a Markdown
-table (docs/benchmarks/fusion_cost.md holds the measured ones).
+measured by forward hooks (``PartTimer``, also used by ``tools/benchmark.py e2e``) around each
+``conv_corr[l]``/``redim_corr[l]``, both backbones, the transformer and the whole model; the deformable
+attention uses the pure-PyTorch path so that nothing is compiled. Prints a Markdown table
+(docs/benchmarks/fusion_cost.md holds the measured ones).
 """
 import argparse
 import os
@@ -67,22 +68,58 @@ def count_flops(cfg, height: int, width: int) -> tuple[dict[str, float], float, 
     return per_part, float(counter.get_total_flops()), shapes
 
 
+class PartTimer:
+    """Wall time per forward of groups of sub-modules, measured with forward pre-/post-hooks.
+
+    ``groups``: ``{group: [module, ...]}``. After each forward, ``take()`` returns ``{group: seconds}`` summed
+    over the calls of that forward and clears the record. ``remove()`` takes the hooks off the modules.
+    """
+
+    def __init__(self, groups: dict[str, list[torch.nn.Module]]):
+        self._spent = {group: 0.0 for group in groups}
+        self._started = {}
+        self._handles = []
+        for group, modules in groups.items():
+            for module in modules:
+                self._handles.append(module.register_forward_pre_hook(self._pre_hook(module)))
+                self._handles.append(module.register_forward_hook(self._post_hook(module, group)))
+
+    def _pre_hook(self, module):
+        def hook(_module, _args):
+            self._started[id(module)] = time.perf_counter()
+        return hook
+
+    def _post_hook(self, module, group):
+        def hook(_module, _args, _output):
+            self._spent[group] += time.perf_counter() - self._started.pop(id(module))
+        return hook
+
+    def take(self) -> dict[str, float]:
+        spent = dict(self._spent)
+        self._spent = dict.fromkeys(self._spent, 0.0)
+        return spent
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def time_parts(cfg, height: int, width: int, repeats: int) -> tuple[dict[str, float], float]:
     """Seconds per part and for the whole forward (minimum over ``repeats`` runs) on the CPU."""
     model, _, _ = build_model(cfg)
     model.eval()
-    started, spent = {}, defaultdict(list)
-    for name, module in fusion_parts(model).items():
-        module.register_forward_pre_hook(lambda module, args, name=name: started.__setitem__(name, time.perf_counter()))
-        module.register_forward_hook(
-            lambda module, args, out, name=name: spent[name].append(time.perf_counter() - started[name]))
+    timer = PartTimer({name: [module] for name, module in fusion_parts(model).items()})
     samples = _pair(height, width, 'cpu')
-    totals = []
+    spent, totals = defaultdict(list), []
     with torch.no_grad():
         for _ in range(repeats):
             start = time.perf_counter()
             model(*samples)
             totals.append(time.perf_counter() - start)
+            for name, seconds in timer.take().items():
+                spent[name].append(seconds)
+    timer.remove()
     return {name: min(values) for name, values in spent.items()}, min(totals)
 
 

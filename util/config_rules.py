@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional
 # Names the layers above accept (checked against them by tests/test_config_rules.py).
 DATASET_FILES = ('llvip_fusion', 'flir_fusion', 'synthetic', 'kaist_fusion')
 BIT_DEPTH_RULES = ('percentile', 'range')
+MISSING_MODALITY_CHOICES = ('none', 'rgb', 'ir')
 BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'swin_T_224_1k', 'swin_B_224_22k', 'swin_B_384_22k',
              'swin_L_224_22k', 'swin_L_384_22k')
 FUSION_TYPES = ('caff', 'concat', 'add', 'rgb_only', 'ir_only')
@@ -119,6 +120,8 @@ VALUE_RULES: dict[str, Rule] = {
     'eval_size': at_least(1),
     'eval_max_size': at_least(1),
     'high_bit_depth_rule': one_of(*BIT_DEPTH_RULES),
+    'modality_dropout': probability(),
+    'eval_missing_modality': one_of(*MISSING_MODALITY_CHOICES),
     # run
     'output_dir': non_empty_text(),
     'seed': between(0, 2 ** 32 - 1 - 1024, what='NumPy seeds are 32-bit; the rank is added'),
