@@ -72,6 +72,6 @@ def build_model(cfg):
     weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.interm_loss_coef,
                                     cfg.dec_layers, cfg.use_dn, cfg.aux_loss)
     criterion = SetCriterion(cfg.num_classes, matcher=matcher, weight_dict=weight_dict,
-                             focal_alpha=cfg.focal_alpha, losses=['labels', 'boxes', 'cardinality'])
+                             focal_alpha=cfg.focal_alpha)
     postprocessors = {'bbox': PostProcess(num_select=cfg.num_select)}
     return model, criterion, postprocessors

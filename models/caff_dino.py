@@ -265,7 +265,7 @@ class CAFFDINO(nn.Module):
         if self.training and self.dn_number > 0 and targets is not None:
             dn_label, dn_bbox, attn_mask, dn_meta = prepare_for_cdn(
                 dn_args=(targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale),
-                training=True, num_queries=self.num_queries, num_classes=self.num_classes,
+                num_queries=self.num_queries, num_classes=self.num_classes,
                 hidden_dim=self.hidden_dim, label_enc=self.label_enc)
         hs, references, hs_enc, ref_enc, init_box_proposal = self.transformer(
             srcs, masks, pos, refpoint_embed=dn_bbox, tgt=dn_label, attn_mask=attn_mask)

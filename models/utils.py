@@ -46,10 +46,8 @@ def get_activation_fn(name: str) -> Callable[[Tensor], Tensor]:
     return _ACTIVATIONS[name]
 
 
-def get_clones(module: nn.Module, n: int, layer_share: bool = False) -> nn.ModuleList:
-    """`n` deep copies of `module` in a ModuleList, or `n` references to the same module when `layer_share`."""
-    if layer_share:
-        return nn.ModuleList([module] * n)
+def get_clones(module: nn.Module, n: int) -> nn.ModuleList:
+    """`n` deep copies of `module` in a ModuleList (DINO's `layer_share` option is not offered)."""
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
 
