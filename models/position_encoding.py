@@ -3,7 +3,8 @@
 Follows DINO's `PositionEmbeddingSineHW` (IDEA-Research/DINO `models/dino/position_encoding.py`), which generalises
 DETR's `PositionEmbeddingSine` to two temperatures; the numbers are the same as the reference. Only the normalised
 variant is offered (the reference builds it with `normalize=True` for every config); the learned variant is not
-used by any DINO/CAFF-DINO config and is left out.
+used by any DINO/CAFF-DINO config and is left out. The frequencies are computed once per (width, temperature,
+device), and each sin/cos pair shares one division (DETR divides by the same value twice): same values.
 """
 import math
 
@@ -11,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from util.misc import NestedTensor
+
+from .utils import interleaved_sin_cos, sine_frequencies
 
 
 class PositionEmbeddingSineHW(nn.Module):
@@ -44,10 +47,7 @@ class PositionEmbeddingSineHW(nn.Module):
 
     def _encode(self, embed: Tensor, temperature: float) -> Tensor:
         """(B, H, W) positions -> (B, H, W, F) interleaved sin/cos features."""
-        k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=embed.device)
-        dim_t = temperature ** (2 * torch.div(k, 2, rounding_mode='floor') / self.num_pos_feats)
-        angles = embed[..., None] / dim_t
-        return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(3)
+        return interleaved_sin_cos(embed[..., None] / sine_frequencies(self.num_pos_feats, temperature, embed.device))
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
         """tensor_list.mask (B, H, W) bool, True on padding -> (B, 2*num_pos_feats, H, W) float32."""
