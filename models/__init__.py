@@ -44,8 +44,8 @@ def build_model(cfg):
 
     def backbone(name):
         return build_backbone(name, return_interm_indices=list(cfg.return_interm_indices), dilation=cfg.dilation,
-                              use_checkpoint=cfg.use_checkpoint, pe_temperature_h=cfg.pe_temperatureH,
-                              pe_temperature_w=cfg.pe_temperatureW, hidden_dim=cfg.hidden_dim)
+                              use_checkpoint=cfg.use_checkpoint, pe_temperatureH=cfg.pe_temperatureH,
+                              pe_temperatureW=cfg.pe_temperatureW, hidden_dim=cfg.hidden_dim)
 
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -55,8 +55,7 @@ def build_model(cfg):
         two_stage_default_hw=cfg.two_stage_default_hw)
     model = CAFFDINO(
         backbone_visible=backbone(cfg.backbone), backbone_ir=backbone(cfg.backbone_ir or cfg.backbone),
-        transformer=transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-        num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+        transformer=transformer, num_classes=cfg.num_classes, aux_loss=cfg.aux_loss,
         dec_pred_class_embed_share=cfg.dec_pred_class_embed_share,
         dec_pred_bbox_embed_share=cfg.dec_pred_bbox_embed_share,
         two_stage_class_embed_share=cfg.two_stage_class_embed_share,

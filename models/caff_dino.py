@@ -108,10 +108,10 @@ class CAFFDINO(nn.Module):
     Args:
         backbone_visible, backbone_ir: ``Joiner``s (backbone + sine position encoding) of the query-side and
             key/value-side streams (which image is which: ``query_modality``).
-        transformer: ``DeformableTransformer`` (DINO, two-stage 'standard'); its ``d_model`` is ``hidden_dim``.
+        transformer: ``DeformableTransformer`` (DINO, two-stage 'standard'). Its ``d_model`` is ``hidden_dim``,
+            its ``num_queries`` (decoder queries selected from the encoder proposals) and ``num_feature_levels``
+            (backbone outputs + extra stride-2 levels) are the detector's: they are set once, there.
         num_classes: class logits per query (91 for the COCO-id label space of the reference).
-        num_queries: decoder queries selected from the encoder proposals.
-        num_feature_levels: backbone outputs + extra stride-2 levels.
         aux_loss: also return the outputs of the first ``dec_layers - 1`` decoder layers.
         dec_pred_class_embed_share, dec_pred_bbox_embed_share: one head shared by all decoder layers (DINO: True).
         two_stage_class_embed_share, two_stage_bbox_embed_share: encoder-proposal heads shared with the decoder's
@@ -124,7 +124,7 @@ class CAFFDINO(nn.Module):
     """
 
     def __init__(self, backbone_visible: nn.Module, backbone_ir: nn.Module, transformer: nn.Module, num_classes: int,
-                 num_queries: int = 900, num_feature_levels: int = 4, aux_loss: bool = True,
+                 aux_loss: bool = True,
                  dec_pred_class_embed_share: bool = True, dec_pred_bbox_embed_share: bool = True,
                  two_stage_class_embed_share: bool = False, two_stage_bbox_embed_share: bool = False,
                  dn_number: int = 100, dn_box_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.5,
@@ -140,6 +140,7 @@ class CAFFDINO(nn.Module):
                              f'them), got {backbone_visible.strides} and {backbone_ir.strides}')
         if dn_number > 0:
             check_dn_labelbook(dn_labelbook_size, num_classes)
+        num_queries, num_feature_levels = transformer.num_queries, transformer.num_feature_levels
         num_backbone_outs = len(backbone_visible.num_channels)
         if num_feature_levels < num_backbone_outs:
             raise ValueError(f'num_feature_levels={num_feature_levels} is below the {num_backbone_outs} backbone '

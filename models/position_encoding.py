@@ -3,7 +3,8 @@
 Follows DINO's `PositionEmbeddingSineHW` (IDEA-Research/DINO `models/dino/position_encoding.py`), which generalises
 DETR's `PositionEmbeddingSine` to two temperatures; the numbers are the same as the reference. Only the normalised
 variant is offered (the reference builds it with `normalize=True` for every config); the learned variant is not
-used by any DINO/CAFF-DINO config and is left out. The frequencies are computed once per (width, temperature,
+used by any DINO/CAFF-DINO config and is left out. The temperatures are spelled `pe_temperatureH/W` as the config
+keys (DINO's class says `temperatureH/W`). The frequencies are computed once per (width, temperature,
 device), and each sin/cos pair shares one division (DETR divides by the same value twice): same values.
 """
 import math
@@ -33,15 +34,15 @@ class PositionEmbeddingSineHW(nn.Module):
     keeps y (x) at 0 there instead of dividing by zero.
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperatureH: float = 20, temperatureW: float = 20,
+    def __init__(self, num_pos_feats: int = 128, pe_temperatureH: float = 20, pe_temperatureW: float = 20,
                  normalize: bool = True, scale: float | None = None):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError('PositionEmbeddingSineHW: `scale` is only used with normalize=True; '
                              'pass normalize=True or drop scale')
         self.num_pos_feats = num_pos_feats
-        self.temperatureH = temperatureH
-        self.temperatureW = temperatureW
+        self.pe_temperatureH = pe_temperatureH
+        self.pe_temperatureW = pe_temperatureW
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
 
@@ -62,10 +63,10 @@ class PositionEmbeddingSineHW(nn.Module):
             eps = 1e-6
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-        pos_y = self._encode(y_embed, self.temperatureH)
-        pos_x = self._encode(x_embed, self.temperatureW)
+        pos_y = self._encode(y_embed, self.pe_temperatureH)
+        pos_x = self._encode(x_embed, self.pe_temperatureW)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return (f'num_pos_feats={self.num_pos_feats}, temperatureH={self.temperatureH}, '
-                f'temperatureW={self.temperatureW}, normalize={self.normalize}, scale={self.scale:.4f}')
+        return (f'num_pos_feats={self.num_pos_feats}, pe_temperatureH={self.pe_temperatureH}, '
+                f'pe_temperatureW={self.pe_temperatureW}, normalize={self.normalize}, scale={self.scale:.4f}')

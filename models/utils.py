@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused_layers
+
 
 class MLP(nn.Module):
     """`num_layers` Linear layers with ReLU between them (none after the last).
@@ -34,9 +36,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < self.num_layers - 1:
-                x = F.relu(x)
+            x = fused_layers.linear(x, layer.weight, layer.bias, relu=i < self.num_layers - 1)
         return x
 
 

@@ -51,10 +51,10 @@ def test_pos_takes_the_feature_dtype():
 
 
 def test_build_backbone_pe_settings_and_freeze_module():
-    joiner = build_backbone('resnet18', [1, 2, 3], hidden_dim=64, pe_temperature_h=10, pe_temperature_w=30)
+    joiner = build_backbone('resnet18', [1, 2, 3], hidden_dim=64, pe_temperatureH=10, pe_temperatureW=30)
     assert isinstance(joiner, Joiner)
     assert joiner[1].num_pos_feats == 32
-    assert (joiner[1].temperatureH, joiner[1].temperatureW) == (10, 30)
+    assert (joiner[1].pe_temperatureH, joiner[1].pe_temperatureW) == (10, 30)
     trainable = sum(p.numel() for p in joiner.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in joiner.parameters())
     assert freeze_module(joiner) == trainable

@@ -13,9 +13,9 @@ Differences from the reference:
   detector weights come from a checkpoint instead.
 - Inference shortcut: when no gradient can reach the backbone (``torch.no_grad``/``inference_mode``, or every
   parameter frozen and the images not requiring grad), every FrozenBatchNorm2d is folded into the convolution
-  before it (``W' = W * scale``, ``b' = shift``, computed once and kept until the weights change) and the body
-  runs channels-last, which oneDNN's CPU convolutions prefer. Same function; float32 results move by ~1e-6
-  relative. The folded copy holds one more set of the backbone's weights (94 MB for a ResNet-50).
+  before it (``W' = W * scale``, ``b' = shift``, computed once and kept until the weights change), the body
+  runs channels-last, which oneDNN's CPU convolutions prefer, and each conv takes its ReLU and residual add
+  along (``models/fused_layers.py``). Same function; float32 results move by ~1e-6 relative. The folded copy holds one more set of the backbone's weights (94 MB for a ResNet-50).
 """
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torchvision.models.resnet import Bottleneck
 
 from util.misc import NestedTensor
 
+from .. import fused_layers
 from ..utils import DerivedTensors
 
 RESNET_NAMES = ('resnet18', 'resnet34', 'resnet50', 'resnet101')
@@ -130,32 +131,36 @@ class ResNetBackbone(nn.Module):
         maps = list(self.body(images).values()) if needs_grad else self._forward_folded(images)
         return [NestedTensor(x, interpolate_mask(tensor_list.mask, x.shape[-2:])) for x in maps]
 
-    def _conv_bn(self, name: str, conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor) -> Tensor:
-        """``norm(conv(x))`` as one convolution with the folded weights of :func:`fold_frozen_batchnorm`."""
+    def _conv_bn(self, name: str, conv: nn.Conv2d, norm: FrozenBatchNorm2d, x: Tensor, residual: Tensor | None = None,
+                 relu: bool = False) -> Tensor:
+        """``relu?(norm(conv(x)) + residual?)`` as one convolution with the folded weights of
+        :func:`fold_frozen_batchnorm`."""
         sources = [conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var]
         if conv.bias is not None:
             sources.append(conv.bias)
         weight, bias = self._folded.get(name, sources, lambda: fold_frozen_batchnorm(conv, norm))
-        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return fused_layers.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                   residual=residual, relu=relu)
 
     def _block(self, name: str, block: nn.Module, x: Tensor) -> Tensor:
         """One torchvision Bottleneck / BasicBlock with folded norms: convs + ReLU, residual, ReLU."""
         convs = ('conv1', 'conv2', 'conv3') if isinstance(block, Bottleneck) else ('conv1', 'conv2')
-        out = x
-        for i, conv in enumerate(convs):
-            out = self._conv_bn(f'{name}.{conv}', getattr(block, conv), getattr(block, f'bn{i + 1}'), out)
-            if i < len(convs) - 1:
-                out = F.relu_(out)
+        identity = x
         if block.downsample is not None:
             conv, norm = block.downsample
-            x = self._conv_bn(f'{name}.downsample', conv, norm, x)
-        return F.relu_(out.add_(x))
+            identity = self._conv_bn(f'{name}.downsample', conv, norm, x)
+        out = x
+        for i, conv in enumerate(convs):
+            last = i == len(convs) - 1
+            out = self._conv_bn(f'{name}.{conv}', getattr(block, conv), getattr(block, f'bn{i + 1}'), out,
+                                residual=identity if last else None, relu=True)
+        return out
 
     def _forward_folded(self, images: Tensor) -> list[Tensor]:
         """The body's forward without autograd (see the module docstring): the requested stages, contiguous."""
         body = self.body
         x = images.contiguous(memory_format=torch.channels_last)
-        x = body.maxpool(F.relu_(self._conv_bn('conv1', body.conv1, body.bn1, x)))
+        x = body.maxpool(self._conv_bn('conv1', body.conv1, body.bn1, x, relu=True))
         outs = []
         for layer_name, layer in body.named_children():
             if not layer_name.startswith('layer'):
