@@ -14,8 +14,8 @@ stream a single-stream type keeps. The types:
 type        fused map at level l                                 conv_corr[l]          redim_corr[l]      FLOPs
 ==========  ===================================================  ====================  =================  =======
 caff        redim(cat(q, kv, caff(q, kv)))  (the reference)      CrossSpectrumAttn     conv(2C+P -> C)    100 %
-caff_dw     as caff, branch convs depthwise-separable            CrossSpectrumAttn     conv(2C+P -> C)    6.5 %
-concat      redim(cat(q, kv))                                    --                    conv(2C -> C)      0.4 %
+caff_dw     as caff, branch convs depthwise-separable            CrossSpectrumAttn     conv(2C+P -> C)    7.5 %
+concat      redim(cat(q, kv))                                    --                    conv(2C -> C)      0.5 %
 add         q + kv                                               --                    --                 0
 rgb_only    the RGB stream alone                                 --                    --                 0
 ir_only     the thermal stream alone                             --                    --                 0
@@ -35,7 +35,7 @@ row attention, the PE on the 1x1 branch, the compression and projection widths, 
 the same interface. The alternatives were weighed: grouped convolutions (8 groups) keep 1/8 of the branch cost
 and cut the channel mixing inside the branch; a reduced inner width (C/4) keeps about a quarter, which is the
 limit of the budget, and narrows the attention to 64 channels; CAFF-lite (reference ``CAFF-lite-DINO``) drops
-the 5x5/7x7 branches altogether. Depthwise-separable keeps every channel and every receptive field for 6.5 %
+the 5x5/7x7 branches altogether. Depthwise-separable keeps every channel and every receptive field for 7.5 %
 of the FLOPs. Its parameters have their own names inside each branch (``...k7.S.i.0`` depthwise,
 ``...k7.S.i.1`` pointwise), so caff checkpoints do not load into it.
 

@@ -258,3 +258,23 @@ def test_caff_dw_factors_the_large_branch_convs_and_keeps_the_interface():
     with torch.no_grad():
         torch.testing.assert_close(module.double()(x1, x2), reference_caff(module, x1, x2), rtol=1e-12, atol=1e-12)
         assert module(x1[..., :3, :4], x2[..., :3, :4]).shape == (1, 4, 3, 4)  # a map smaller than the kernels
+
+
+def test_caff_dw_costs_under_a_quarter_of_caff():
+    """FLOPs of one R50-sized level (C = 256, P = 64, 64 x 80, the stride-8 level of a 512 x 640 image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def level_flops(fusion_type):
+        with torch.device('meta'):
+            fusion = build_fusion(fusion_type)
+            conv_corr, redim_corr = fusion.layers(num_levels=1, channels=256)
+            q, kv = torch.randn(2, 1, 256, 64, 80)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fusion.fuse(q, kv, conv_corr[0], redim_corr[0])
+        return counter.get_total_flops()
+
+    caff, caff_dw = level_flops('caff'), level_flops('caff_dw')
+    assert caff == pytest.approx(266.5e9, rel=0.01)  # docs/benchmarks/fusion_cost.md, level 0 of the R50 model
+    assert caff_dw < 0.25 * caff
+    assert caff_dw < 0.08 * caff
