@@ -41,8 +41,8 @@ def build_model(cfg):
 
     def backbone(name):
         return build_backbone(name, return_interm_indices=list(cfg.return_interm_indices), dilation=cfg.dilation,
-                              use_checkpoint=cfg.use_checkpoint, pe_temperature_h=cfg.pe_temperatureH,
-                              pe_temperature_w=cfg.pe_temperatureW, hidden_dim=cfg.hidden_dim)
+                              use_checkpoint=cfg.use_checkpoint, pe_temperatureH=cfg.pe_temperatureH,
+                              pe_temperatureW=cfg.pe_temperatureW, hidden_dim=cfg.hidden_dim)
 
     transformer = DeformableTransformer(
         d_model=cfg.hidden_dim, nhead=cfg.nheads, num_encoder_layers=cfg.enc_layers,
@@ -52,8 +52,7 @@ def build_model(cfg):
         two_stage_default_hw=cfg.two_stage_default_hw)
     model = CAFFDINO(
         backbone_visible=backbone(cfg.backbone), backbone_ir=backbone(cfg.backbone_ir or cfg.backbone),
-        transformer=transformer, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
-        num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
+        transformer=transformer, num_classes=cfg.num_classes, aux_loss=cfg.aux_loss,
         dec_pred_class_embed_share=cfg.dec_pred_class_embed_share,
         dec_pred_bbox_embed_share=cfg.dec_pred_bbox_embed_share,
         two_stage_class_embed_share=cfg.two_stage_class_embed_share,
@@ -69,6 +68,6 @@ def build_model(cfg):
     weight_dict = build_weight_dict(cfg.cls_loss_coef, cfg.bbox_loss_coef, cfg.giou_loss_coef, cfg.interm_loss_coef,
                                     cfg.dec_layers, cfg.use_dn, cfg.aux_loss)
     criterion = SetCriterion(cfg.num_classes, matcher=matcher, weight_dict=weight_dict,
-                             focal_alpha=cfg.focal_alpha, losses=['labels', 'boxes', 'cardinality'])
+                             focal_alpha=cfg.focal_alpha)
     postprocessors = {'bbox': PostProcess(num_select=cfg.num_select)}
     return model, criterion, postprocessors

@@ -20,9 +20,11 @@ the images by name: ``forward(samples_rgb, samples_ir)``.
 
 Differences from the reference, none of which changes its outputs where it runs:
 
-- fusion is chosen by ``fusion_type`` (``models/fusion.py``): ``caff`` (the reference), ``concat``, ``add``,
-  ``rgb_only``, ``ir_only``. The single-stream types run only the stream they use; the unused backbone and
-  projection are frozen at build so optimiser and DDP skip them (their weights still load);
+- fusion is chosen by ``fusion_type`` (``models/fusion.py::build_fusion``, the one place that reads it): ``caff``
+  (the reference), ``caff_dw`` (CAFF with depthwise-separable branch convs), ``concat``, ``add``, ``rgb_only``,
+  ``ir_only``. The single-stream types run only the stream they keep; the unused backbone and projection are
+  frozen at build so optimiser and DDP skip them (their weights still load);
+- the key/value stream's position encodings are not computed (the reference computes and discards them);
 - a second extra level of the key/value stream uses ``input_proj_ir`` (the reference reused ``input_proj``;
   unreachable in its configs, which have one extra level);
 - denoising queries are built only in training with targets (the reference calls ``prepare_for_cdn`` always and
@@ -48,7 +50,7 @@ from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_l
 
 from .backbones import freeze_module
 from .dn_components import check_dn_labelbook, dn_post_process, prepare_for_cdn
-from .fusion import SINGLE_STREAM_FUSION_TYPES, build_fusion_layers, fuse_level
+from .fusion import build_fusion
 from .utils import MLP
 
 QUERY_MODALITIES = ('ir', 'rgb')
@@ -106,10 +108,10 @@ class CAFFDINO(nn.Module):
     Args:
         backbone_visible, backbone_ir: ``Joiner``s (backbone + sine position encoding) of the query-side and
             key/value-side streams (which image is which: ``query_modality``).
-        transformer: ``DeformableTransformer`` (DINO, two-stage 'standard'); its ``d_model`` is ``hidden_dim``.
+        transformer: ``DeformableTransformer`` (DINO, two-stage 'standard'). Its ``d_model`` is ``hidden_dim``,
+            its ``num_queries`` (decoder queries selected from the encoder proposals) and ``num_feature_levels``
+            (backbone outputs + extra stride-2 levels) are the detector's: they are set once, there.
         num_classes: class logits per query (91 for the COCO-id label space of the reference).
-        num_queries: decoder queries selected from the encoder proposals.
-        num_feature_levels: backbone outputs + extra stride-2 levels.
         aux_loss: also return the outputs of the first ``dec_layers - 1`` decoder layers.
         dec_pred_class_embed_share, dec_pred_bbox_embed_share: one head shared by all decoder layers (DINO: True).
         two_stage_class_embed_share, two_stage_bbox_embed_share: encoder-proposal heads shared with the decoder's
@@ -122,7 +124,7 @@ class CAFFDINO(nn.Module):
     """
 
     def __init__(self, backbone_visible: nn.Module, backbone_ir: nn.Module, transformer: nn.Module, num_classes: int,
-                 num_queries: int = 900, num_feature_levels: int = 4, aux_loss: bool = True,
+                 aux_loss: bool = True,
                  dec_pred_class_embed_share: bool = True, dec_pred_bbox_embed_share: bool = True,
                  two_stage_class_embed_share: bool = False, two_stage_bbox_embed_share: bool = False,
                  dn_number: int = 100, dn_box_noise_scale: float = 0.4, dn_label_noise_ratio: float = 0.5,
@@ -138,6 +140,7 @@ class CAFFDINO(nn.Module):
                              f'them), got {backbone_visible.strides} and {backbone_ir.strides}')
         if dn_number > 0:
             check_dn_labelbook(dn_labelbook_size, num_classes)
+        num_queries, num_feature_levels = transformer.num_queries, transformer.num_feature_levels
         num_backbone_outs = len(backbone_visible.num_channels)
         if num_feature_levels < num_backbone_outs:
             raise ValueError(f'num_feature_levels={num_feature_levels} is below the {num_backbone_outs} backbone '
@@ -157,6 +160,7 @@ class CAFFDINO(nn.Module):
         self.dn_label_noise_ratio = dn_label_noise_ratio
         self.dn_labelbook_size = dn_labelbook_size
         self.fusion_type = fusion_type
+        self.fusion = build_fusion(fusion_type, caff_num_stages, caff_kernel_sizes, caff_proj_dim)
         self.query_modality = query_modality
 
         # Registration order = the reference's state-dict order.
@@ -166,8 +170,7 @@ class CAFFDINO(nn.Module):
         self.backbone_ir = backbone_ir
         self.input_proj = build_input_projections(backbone_visible.num_channels, hidden_dim, num_feature_levels)
         self.input_proj_ir = build_input_projections(backbone_ir.num_channels, hidden_dim, num_feature_levels)
-        self.conv_corr, self.redim_corr = build_fusion_layers(fusion_type, num_feature_levels, hidden_dim,
-                                                              caff_num_stages, caff_kernel_sizes, caff_proj_dim)
+        self.conv_corr, self.redim_corr = self.fusion.layers(num_feature_levels, hidden_dim)
         class_embed = nn.Linear(hidden_dim, num_classes)
         bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         nn.init.constant_(class_embed.bias, -math.log((1 - CLASS_PRIOR_PROB) / CLASS_PRIOR_PROB))
@@ -191,22 +194,22 @@ class CAFFDINO(nn.Module):
         if freeze_backbones:
             freeze_module(self.backbone_visible)
             freeze_module(self.backbone_ir)
-        if fusion_type in SINGLE_STREAM_FUSION_TYPES:
-            unused = (self.backbone_ir, self.input_proj_ir) if self._uses_query_stream() else (
+        if self.fusion.kept_modality is not None:
+            unused = (self.backbone_ir, self.input_proj_ir) if self._keeps_query_stream() else (
                 self.backbone_visible, self.input_proj)
             for module in unused:
                 freeze_module(module)
 
-    def _uses_query_stream(self) -> bool:
-        """For single-stream fusion: whether the used image is the query-side one."""
-        used_modality = 'rgb' if self.fusion_type == 'rgb_only' else 'ir'
-        return used_modality == self.query_modality
+    def _keeps_query_stream(self) -> bool:
+        """For single-stream fusion: whether the kept image is the query-side one."""
+        return self.fusion.kept_modality == self.query_modality
 
-    def _stream(self, joiner: nn.Module, input_proj: nn.ModuleList, samples: NestedTensor
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def _stream(self, joiner: nn.Module, input_proj: nn.ModuleList, samples: NestedTensor, with_pos: bool = True
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
         """One spectrum: ``(srcs, masks, pos)`` per level; srcs ``(B, hidden_dim, H_l, W_l)``, masks
-        ``(B, H_l, W_l)`` True on padding, pos ``(B, hidden_dim, H_l, W_l)``."""
-        features, pos = joiner(samples)
+        ``(B, H_l, W_l)`` True on padding, pos ``(B, hidden_dim, H_l, W_l)``, or None without ``with_pos``
+        (the key/value stream: the reference computes its encodings and never uses them)."""
+        features, pos = joiner(samples, with_pos=with_pos)
         extra_levels = self.num_feature_levels - len(features)
         strides = joiner.strides + [joiner.strides[-1] * 2 ** k for k in range(1, extra_levels + 1)]
         srcs = [_project(input_proj[level], feature.tensors, samples, strides[level])
@@ -218,23 +221,24 @@ class CAFFDINO(nn.Module):
             mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
             srcs.append(src)
             masks.append(mask)
-            pos.append(joiner[1](NestedTensor(src, mask)).to(src.dtype))
-        return srcs, masks, list(pos)
+            if pos is not None:
+                pos.append(joiner[1](NestedTensor(src, mask)).to(src.dtype))
+        return srcs, masks, pos
 
     def _fused_levels(self, samples_query: NestedTensor, samples_key_value: NestedTensor
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """``(srcs, masks, pos)`` for the transformer; pos always from the query side (as the reference)."""
-        if self.fusion_type in SINGLE_STREAM_FUSION_TYPES:
-            if self._uses_query_stream():
+        if self.fusion.kept_modality is not None:
+            if self._keeps_query_stream():
                 return self._stream(self.backbone_visible, self.input_proj, samples_query)
             return self._stream(self.backbone_ir, self.input_proj_ir, samples_key_value)
         srcs_q, masks_q, pos = self._stream(self.backbone_visible, self.input_proj, samples_query)
-        srcs_kv, masks_kv, _ = self._stream(self.backbone_ir, self.input_proj_ir, samples_key_value)
+        srcs_kv, masks_kv, _ = self._stream(self.backbone_ir, self.input_proj_ir, samples_key_value, with_pos=False)
         srcs = []
         for level, (src_q, src_kv) in enumerate(zip(srcs_q, srcs_kv)):
             conv_corr = self.conv_corr[level] if self.conv_corr is not None else None
             redim_corr = self.redim_corr[level] if self.redim_corr is not None else None
-            srcs.append(fuse_level(self.fusion_type, src_q, src_kv, conv_corr, redim_corr))
+            srcs.append(self.fusion.fuse(src_q, src_kv, conv_corr, redim_corr))
         masks = [mask_q | mask_kv for mask_q, mask_kv in zip(masks_q, masks_kv)]
         return srcs, masks, pos
 
@@ -265,7 +269,7 @@ class CAFFDINO(nn.Module):
         if self.training and self.dn_number > 0 and targets is not None:
             dn_label, dn_bbox, attn_mask, dn_meta = prepare_for_cdn(
                 dn_args=(targets, self.dn_number, self.dn_label_noise_ratio, self.dn_box_noise_scale),
-                training=True, num_queries=self.num_queries, num_classes=self.num_classes,
+                num_queries=self.num_queries, num_classes=self.num_classes,
                 hidden_dim=self.hidden_dim, label_enc=self.label_enc)
         hs, references, hs_enc, ref_enc, init_box_proposal = self.transformer(
             srcs, masks, pos, refpoint_embed=dn_bbox, tgt=dn_label, attn_mask=attn_mask)

@@ -12,13 +12,17 @@ What differs from DINO:
 - level shapes travel as Python ints next to the tensors, so nothing reads a device tensor back to the host;
 - the proposal width/height of level 0 is the `two_stage_default_hw` argument (0.05 hard-coded in DINO);
 - `gen_sineembed_for_position` gets d_model / 2 features per coordinate (DINO hard-codes 128 = 256 / 2);
-- `hs` and `references` come back stacked as tensors, not as Python lists.
+- `hs` and `references` come back stacked as tensors, not as Python lists;
+- the FFN's ReLU and residual add run inside its linear layers (`models/fused_layers.py`), and the two-stage
+  box head runs on the Q selected tokens only (DINO runs it on all S and gathers): the same values to rounding.
 """
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import fused_layers
 from models.ops import MSDeformAttn
 from models.utils import MLP, gen_sineembed_for_position, get_activation_fn, get_clones
 from util.misc import inverse_sigmoid
@@ -87,6 +91,22 @@ def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shape
     return output_memory, output_proposals
 
 
+def feed_forward_residual(x: Tensor, linear1: nn.Linear, activation, dropout_mid: nn.Dropout, linear2: nn.Linear,
+                          dropout_out: nn.Dropout) -> Tensor:
+    """``x + dropout_out(linear2(dropout_mid(activation(linear1(x)))))`` for ``x`` (..., C).
+
+    The ReLU and, with inactive dropout (eval, or p = 0 as in the DINO configs), the residual are taken by the
+    linear layers themselves (``models/fused_layers.py``: one oneDNN kernel each on the CPU without autograd).
+    """
+    if activation is F.relu:
+        hidden = fused_layers.linear(x, linear1.weight, linear1.bias, relu=True)
+    else:
+        hidden = activation(linear1(x))
+    if (dropout_mid.p > 0 or dropout_out.p > 0) and dropout_mid.training:
+        return x + dropout_out(linear2(dropout_mid(hidden)))
+    return fused_layers.linear(hidden, linear2.weight, linear2.bias, residual=x)
+
+
 class DeformableTransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer: multi-scale deformable self-attention, then FFN.
 
@@ -113,8 +133,8 @@ class DeformableTransformerEncoderLayer(nn.Module):
         attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
                                   padding_mask, spatial_shapes_list)
         src = self.norm1(src + self.dropout1(attended))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.norm2(feed_forward_residual(src, self.linear1, self.activation, self.dropout2, self.linear2,
+                                                self.dropout3))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -158,8 +178,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                                    memory_padding_mask, spatial_shapes_list)
         tgt = self.norm1(tgt + self.dropout1(attended))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn))
+        return self.norm3(feed_forward_residual(tgt, self.linear1, self.activation, self.dropout3, self.linear2,
+                                                self.dropout4))
 
 
 class DeformableTransformerEncoder(nn.Module):
@@ -353,15 +373,16 @@ class DeformableTransformer(nn.Module):
                                                                    self.two_stage_default_hw)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         class_logits = self.enc_out_class_embed(output_memory)
-        coord_logits = self.enc_out_bbox_embed(output_memory) + output_proposals
         topk = torch.topk(class_logits.max(-1)[0], self.num_queries, dim=1)[1]  # (B, Q)
 
         def gather(x: Tensor) -> Tensor:
             return torch.gather(x, 1, topk.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-        anchors_undetached = gather(coord_logits)
-        init_box_proposal = gather(output_proposals).sigmoid()
         content_undetached = gather(output_memory)
+        selected_proposals = gather(output_proposals)
+        # The box head is row-wise: running it on the Q selected rows equals gathering it from all S rows.
+        anchors_undetached = self.enc_out_bbox_embed(content_undetached) + selected_proposals
+        init_box_proposal = selected_proposals.sigmoid()
         if self.embed_init_tgt:
             content = self.tgt_embed.weight.unsqueeze(0).expand(memory.shape[0], -1, -1)
         else:

@@ -101,7 +101,7 @@ def noise_boxes(boxes: Tensor, negative: Tensor, noise_scale: float) -> Tensor:
     return box_xyxy_to_cxcywh(corners.clamp(min=0.0, max=1.0))
 
 
-def prepare_for_cdn(dn_args: tuple, training: bool, num_queries: int, num_classes: int, hidden_dim: int,
+def prepare_for_cdn(dn_args: tuple, num_queries: int, num_classes: int, hidden_dim: int,
                     label_enc: nn.Embedding) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor],
                                                       Optional[dict]]:
     """Builds the DN queries for a training batch.
@@ -109,7 +109,6 @@ def prepare_for_cdn(dn_args: tuple, training: bool, num_queries: int, num_classe
     Args:
         dn_args: (targets, dn_number, label_noise_ratio, box_noise_scale); targets: list of dicts with
             'labels' (n_b,) int64 < dn_labelbook_size and 'boxes' (n_b, 4) cxcywh normalised.
-        training: DN queries exist only in training.
         num_queries: matching queries after the DN ones (for the attention mask).
         num_classes: label noise draws from [0, num_classes).
         hidden_dim: width of the content queries.
@@ -120,12 +119,13 @@ def prepare_for_cdn(dn_args: tuple, training: bool, num_queries: int, num_classe
         input_query_bbox (B, pad_size, 4) anchors as logits (inverse sigmoid of the noised cxcywh),
         attn_mask (pad_size + num_queries, pad_size + num_queries) bool, True = blocked,
         dn_meta {'pad_size', 'num_dn_group', 'max_gt'};
-        or (None, None, None, None) outside training, with dn_number <= 0, or when the batch has no box.
+        or (None, None, None, None) with dn_number <= 0 or when the batch has no box. The caller decides that
+        DN queries exist only in training (DINO passes a ``training`` flag instead).
     """
     targets, dn_number, label_noise_ratio, box_noise_scale = dn_args
     num_gt = [int(t['labels'].shape[0]) for t in targets]
     max_gt = max(num_gt, default=0)
-    if not training or dn_number <= 0 or max_gt == 0:
+    if dn_number <= 0 or max_gt == 0:
         return None, None, None, None
     device = label_enc.weight.device
     num_groups = num_dn_groups(dn_number, max_gt)

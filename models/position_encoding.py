@@ -3,7 +3,9 @@
 Follows DINO's `PositionEmbeddingSineHW` (IDEA-Research/DINO `models/dino/position_encoding.py`), which generalises
 DETR's `PositionEmbeddingSine` to two temperatures; the numbers are the same as the reference. Only the normalised
 variant is offered (the reference builds it with `normalize=True` for every config); the learned variant is not
-used by any DINO/CAFF-DINO config and is left out.
+used by any DINO/CAFF-DINO config and is left out. The temperatures are spelled `pe_temperatureH/W` as the config
+keys (DINO's class says `temperatureH/W`). The frequencies are computed once per (width, temperature,
+device), and each sin/cos pair shares one division (DETR divides by the same value twice): same values.
 """
 import math
 
@@ -11,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from util.misc import NestedTensor
+
+from .utils import interleaved_sin_cos, sine_frequencies
 
 
 class PositionEmbeddingSineHW(nn.Module):
@@ -30,24 +34,21 @@ class PositionEmbeddingSineHW(nn.Module):
     keeps y (x) at 0 there instead of dividing by zero.
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperatureH: float = 20, temperatureW: float = 20,
+    def __init__(self, num_pos_feats: int = 128, pe_temperatureH: float = 20, pe_temperatureW: float = 20,
                  normalize: bool = True, scale: float | None = None):
         super().__init__()
         if scale is not None and not normalize:
             raise ValueError('PositionEmbeddingSineHW: `scale` is only used with normalize=True; '
                              'pass normalize=True or drop scale')
         self.num_pos_feats = num_pos_feats
-        self.temperatureH = temperatureH
-        self.temperatureW = temperatureW
+        self.pe_temperatureH = pe_temperatureH
+        self.pe_temperatureW = pe_temperatureW
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
 
     def _encode(self, embed: Tensor, temperature: float) -> Tensor:
         """(B, H, W) positions -> (B, H, W, F) interleaved sin/cos features."""
-        k = torch.arange(self.num_pos_feats, dtype=torch.float32, device=embed.device)
-        dim_t = temperature ** (2 * torch.div(k, 2, rounding_mode='floor') / self.num_pos_feats)
-        angles = embed[..., None] / dim_t
-        return torch.stack((angles[..., 0::2].sin(), angles[..., 1::2].cos()), dim=4).flatten(3)
+        return interleaved_sin_cos(embed[..., None] / sine_frequencies(self.num_pos_feats, temperature, embed.device))
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
         """tensor_list.mask (B, H, W) bool, True on padding -> (B, 2*num_pos_feats, H, W) float32."""
@@ -62,10 +63,10 @@ class PositionEmbeddingSineHW(nn.Module):
             eps = 1e-6
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-        pos_y = self._encode(y_embed, self.temperatureH)
-        pos_x = self._encode(x_embed, self.temperatureW)
+        pos_y = self._encode(y_embed, self.pe_temperatureH)
+        pos_x = self._encode(x_embed, self.pe_temperatureW)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
-        return (f'num_pos_feats={self.num_pos_feats}, temperatureH={self.temperatureH}, '
-                f'temperatureW={self.temperatureW}, normalize={self.normalize}, scale={self.scale:.4f}')
+        return (f'num_pos_feats={self.num_pos_feats}, pe_temperatureH={self.pe_temperatureH}, '
+                f'pe_temperatureW={self.pe_temperatureW}, normalize={self.normalize}, scale={self.scale:.4f}')

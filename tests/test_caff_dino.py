@@ -167,16 +167,25 @@ def test_single_stream_fusion_runs_one_backbone(tiny, fusion_type, query_modalit
     assert not any(p.requires_grad for p in getattr(model, unused_proj).parameters())
 
 
-@pytest.mark.parametrize('fusion_type', ['concat', 'add'])
-def test_two_stream_ablations_train(tiny, fusion_type):
+@pytest.mark.parametrize('fusion_type', ['caff_dw', 'concat', 'add'])
+def test_two_stream_types_use_and_train_both_streams(tiny, fusion_type):
+    """Every two-stream type reads both images (changing either changes the detections) and the loss trains
+    both input projections and the fusion layers."""
     tiny.fusion_type = fusion_type
     model, criterion, _ = build(tiny)
-    model.train()
+    model.eval()
     rgb, ir = image_pair()
+    with torch.no_grad():
+        base = model([rgb], [ir])['pred_logits']
+        assert not torch.allclose(model([rgb + 1.0], [ir])['pred_logits'], base)
+        assert not torch.allclose(model([rgb], [ir + 1.0])['pred_logits'], base)
+    model.train()
     targets = [target([[0.5, 0.5, 0.2, 0.3]], [1])]
     total, _ = weighted_loss(criterion, model([rgb], [ir], targets), targets)
     total.backward()
-    assert torch.isfinite(total)
+    trained = [model.input_proj, model.input_proj_ir] + [m for m in (model.conv_corr, model.redim_corr) if m]
+    for module in trained:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def test_64px_image_at_batch_size_one(tiny):

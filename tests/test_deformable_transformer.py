@@ -182,7 +182,7 @@ def test_cdn_groups_are_independent_inside_the_decoder():
     targets = [{'labels': torch.tensor([1, 2]), 'boxes': torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
                {'labels': torch.tensor([0]), 'boxes': torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
     label_enc = nn.Embedding(6, 32)
-    dn_label, dn_bbox, attn_mask, meta = prepare_for_cdn((targets, 2, 0.5, 0.4), True, 10, 5, 32, label_enc)
+    dn_label, dn_bbox, attn_mask, meta = prepare_for_cdn((targets, 2, 0.5, 0.4), 10, 5, 32, label_enc)
     group_size = meta['pad_size'] // meta['num_dn_group']
     hs = transformer(srcs, masks, pos, dn_bbox, dn_label, attn_mask)[0]
     # replace group 1 entirely: group 0 and the matching queries must not notice

@@ -22,9 +22,9 @@ def make_label_enc():
     return nn.Embedding(NUM_CLASSES + 1, HIDDEN)
 
 
-def cdn(targets, dn_number=4, label_noise=0.0, box_noise=0.0, num_queries=7, training=True, label_enc=None):
+def cdn(targets, dn_number=4, label_noise=0.0, box_noise=0.0, num_queries=7, label_enc=None):
     label_enc = label_enc if label_enc is not None else make_label_enc()
-    return prepare_for_cdn((targets, dn_number, label_noise, box_noise), training, num_queries, NUM_CLASSES,
+    return prepare_for_cdn((targets, dn_number, label_noise, box_noise), num_queries, NUM_CLASSES,
                            HIDDEN, label_enc)
 
 
@@ -99,10 +99,9 @@ def test_box_noise_bounds_for_positive_and_negative_copies():
     assert torch.equal(noise_boxes(boxes, negative, noise_scale=0.0), boxes)
 
 
-def test_empty_batch_or_eval_gives_no_dn_queries():
+def test_empty_batch_or_no_dn_number_gives_no_dn_queries():
     empty = [{'labels': torch.zeros(0, dtype=torch.int64), 'boxes': torch.zeros(0, 4)}] * 2
     assert cdn(empty) == (None, None, None, None)
-    assert cdn(make_targets(), training=False) == (None, None, None, None)
     assert cdn(make_targets(), dn_number=0) == (None, None, None, None)
     # one image without boxes next to one with boxes: its DN slots are all padding
     mixed = [make_targets()[1], empty[0]]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.fusion import (CrossSpectrumAttention, _combined_position_encoding, build_fusion_layers,
-                           caff_position_encoding, fuse_level)
+from models.fusion import (FUSION_TYPES, CrossSpectrumAttention, _combined_position_encoding, build_fusion,
+                           caff_position_encoding)
 
 
 def reference_pe(channels, height, width):
@@ -20,6 +20,15 @@ def reference_pe(channels, height, width):
     return pe
 
 
+def apply_conv(conv, x):
+    """A CAFF branch conv from its raw weights: plain, or (caff_dw) depthwise with groups = C, then pointwise."""
+    if isinstance(conv, torch.nn.Conv2d):
+        return F.conv2d(x, conv.weight, conv.bias)
+    depthwise, pointwise = conv
+    x = F.conv2d(x, depthwise.weight, depthwise.bias, groups=x.shape[1])
+    return F.conv2d(x, pointwise.weight, pointwise.bias)
+
+
 def reference_caff(module, x1, x2):
     """Straightforward re-derivation of the reference forward (docs/REFERENCE.md §1) from the module's raw weights."""
     channels, height, width = x1.shape[1:]
@@ -30,9 +39,7 @@ def reference_caff(module, x1, x2):
         outs = []
         for name in names:
             q_conv, k_conv, v_conv = getattr(module, name)[stage]
-            q = F.conv2d(x1, q_conv.weight, q_conv.bias)
-            k = F.conv2d(x2, k_conv.weight, k_conv.bias)
-            v = F.conv2d(x2, v_conv.weight, v_conv.bias)
+            q, k, v = apply_conv(q_conv, x1), apply_conv(k_conv, x2), apply_conv(v_conv, x2)
             if name == 'attention_stages_k1':
                 q, k = q + pos, k + pos
             out = torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1), v)
@@ -95,7 +102,7 @@ def test_small_map_branch_is_centred_zero_padding_then_resize():
     expected = F.interpolate(torch.softmax(q @ k.transpose(-1, -2), -1) @ v, size=(4, 9), mode='bilinear',
                              align_corners=False)
     with torch.no_grad():
-        assert torch.equal(module._attend(convs, 7, x1, x2, None), expected)
+        assert torch.equal(module._branch('attention_stages_k7.0', 7, convs, x1, x2, None), expected)
 
 
 def test_position_encoding_values_and_cache():
@@ -142,13 +149,16 @@ def test_query_and_key_value_sides_are_not_interchangeable():
         assert not torch.allclose(module(x1, x2), module(x2, x1))
 
 
-@pytest.mark.parametrize('fusion_type,redim_in,has_attention', [('caff', 2 * 32 + 8, True), ('concat', 64, False)])
+@pytest.mark.parametrize('fusion_type,redim_in,has_attention', [('caff', 2 * 32 + 8, True), ('caff_dw', 2 * 32 + 8, True),
+                                                             ('concat', 64, False)])
 def test_build_and_fuse_two_stream_types(fusion_type, redim_in, has_attention):
-    conv_corr, redim_corr = build_fusion_layers(fusion_type, num_levels=2, channels=32, proj_dim=8)
+    fusion = build_fusion(fusion_type, proj_dim=8)
+    conv_corr, redim_corr = fusion.layers(num_levels=2, channels=32)
+    assert fusion.kept_modality is None
     assert (conv_corr is not None) == has_attention
     assert len(redim_corr) == 2 and redim_corr[1][0].in_channels == redim_in
     q, kv = torch.randn(2, 1, 32, 7, 8)
-    out = fuse_level(fusion_type, q, kv, conv_corr[0] if conv_corr else None, redim_corr[0])
+    out = fusion.fuse(q, kv, conv_corr[0] if conv_corr else None, redim_corr[0])
     assert out.shape == (1, 32, 7, 8)
     group = out[0, :2]  # GroupNorm(32 groups): each group of one channel is normalised
     assert torch.allclose(group.mean(dim=(1, 2)), torch.zeros(2), atol=1e-5)
@@ -156,22 +166,115 @@ def test_build_and_fuse_two_stream_types(fusion_type, redim_in, has_attention):
 
 def test_caff_fusion_concatenates_query_key_value_attention_in_order():
     torch.manual_seed(0)
-    conv_corr, redim_corr = build_fusion_layers('caff', num_levels=1, channels=32, proj_dim=8)
+    fusion = build_fusion('caff', proj_dim=8)
+    conv_corr, redim_corr = fusion.layers(num_levels=1, channels=32)
     q, kv = torch.randn(2, 1, 32, 7, 7)
     with torch.no_grad():
         expected = redim_corr[0](torch.cat((q, kv, conv_corr[0](q, kv)), 1))
-        assert torch.equal(fuse_level('caff', q, kv, conv_corr[0], redim_corr[0]), expected)
+        assert torch.equal(fusion.fuse(q, kv, conv_corr[0], redim_corr[0]), expected)
 
 
 def test_add_and_single_stream_types_have_no_layers():
-    for fusion_type in ('add', 'rgb_only', 'ir_only'):
-        assert build_fusion_layers(fusion_type, num_levels=3, channels=32) == (None, None)
+    for fusion_type, kept in (('add', None), ('rgb_only', 'rgb'), ('ir_only', 'ir')):
+        fusion = build_fusion(fusion_type)
+        assert fusion.layers(num_levels=3, channels=32) == (None, None)
+        assert fusion.kept_modality == kept
     q, kv = torch.randn(2, 1, 32, 3, 3)
-    assert torch.equal(fuse_level('add', q, kv), q + kv)
+    assert torch.equal(build_fusion('add').fuse(q, kv, None, None), q + kv)
     with pytest.raises(ValueError, match='single-stream'):
-        fuse_level('rgb_only', q, kv)
+        build_fusion('rgb_only').fuse(q, kv, None, None)
 
 
 def test_unknown_fusion_type_names_the_choices():
     with pytest.raises(ValueError, match="fusion_type='sum'.*caff"):
-        build_fusion_layers('sum', num_levels=1, channels=32)
+        build_fusion('sum')
+    assert FUSION_TYPES == ('caff', 'caff_dw', 'concat', 'add', 'rgb_only', 'ir_only')
+
+
+def _separate_projections(convs, x1, x2):
+    return [convs[0](x1), convs[1](x2), convs[2](x2)]
+
+
+@pytest.mark.parametrize('same_input', [False, True])
+def test_projections_reading_one_map_run_as_one_conv_bit_for_bit(same_input):
+    """Key + value (stage 1) or query + key + value (stage 2, x1 is x2) run as one conv: same numbers, with and
+    without autograd, and the same gradients reach the separate reference weights."""
+    torch.manual_seed(0)
+    module = CrossSpectrumAttention(channels=8, proj_dim=4)
+    convs = module.attention_stages_k7[1]
+    x1, x2 = torch.randn(2, 2, 8, 9, 11)
+    x2 = x1 if same_input else x2
+    expected = _separate_projections(convs, x1, x2)
+    with torch.no_grad():
+        for got, want in zip(module._projections('k7.1', convs, x1, x2), expected):
+            assert torch.equal(got, want)
+    got = module._projections('k7.1', convs, x1, x2)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    weights = [torch.randn_like(t) for t in expected]
+    grads = torch.autograd.grad(sum((t * w).sum() for t, w in zip(got, weights)), list(convs.parameters()))
+    want = torch.autograd.grad(sum((t * w).sum() for t, w in zip(expected, weights)), list(convs.parameters()))
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weights_are_kept_without_autograd_and_rebuilt_when_the_weights_change():
+    torch.manual_seed(0)
+    module = CrossSpectrumAttention(channels=8, proj_dim=4)
+    x1, x2 = torch.randn(2, 1, 8, 7, 7)
+    module(x1, x2).sum().backward()
+    assert len(module._fused) == 0  # with autograd the concatenation is rebuilt in every call
+    with torch.inference_mode():
+        first = module(x1, x2)
+    entries = len(module._fused)
+    assert entries == 3 * (1 + 1)  # per branch: key+value of stage 1, query+key+value of stage 2
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in module.state_dict().items()}
+    module.load_state_dict(state)
+    with torch.no_grad():
+        second = module(x1, x2)
+        torch.testing.assert_close(second, reference_caff(module, x1, x2), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first, second)
+    assert len(module._fused) == entries
+
+
+def test_caff_dw_factors_the_large_branch_convs_and_keeps_the_interface():
+    torch.manual_seed(0)
+    fusion = build_fusion('caff_dw', proj_dim=4)
+    conv_corr, redim_corr = fusion.layers(num_levels=1, channels=32)
+    module = conv_corr[0]
+    keys = list(module.state_dict())
+    assert 'attention_stages_k1.0.0.weight' in keys  # the 1x1 branch is a plain conv
+    depthwise, pointwise = module.attention_stages_k7[1][2]
+    assert depthwise.weight.shape == (32, 1, 7, 7) and depthwise.groups == 32
+    assert pointwise.weight.shape == (32, 32, 1, 1)
+    caff_params = sum(p.numel() for p in CrossSpectrumAttention(channels=32, proj_dim=4).parameters())
+    assert sum(p.numel() for p in module.parameters()) < caff_params / 3
+    x1, x2 = torch.randn(2, 2, 32, 9, 10)
+    out = fusion.fuse(x1, x2, module, redim_corr[0])
+    assert out.shape == (2, 32, 9, 10)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+    x1, x2 = torch.randn(2, 1, 32, 9, 10, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(module.double()(x1, x2), reference_caff(module, x1, x2), rtol=1e-12, atol=1e-12)
+        assert module(x1[..., :3, :4], x2[..., :3, :4]).shape == (1, 4, 3, 4)  # a map smaller than the kernels
+
+
+def test_caff_dw_costs_under_a_quarter_of_caff():
+    """FLOPs of one R50-sized level (C = 256, P = 64, 64 x 80, the stride-8 level of a 512 x 640 image)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def level_flops(fusion_type):
+        with torch.device('meta'):
+            fusion = build_fusion(fusion_type)
+            conv_corr, redim_corr = fusion.layers(num_levels=1, channels=256)
+            q, kv = torch.randn(2, 1, 256, 64, 80)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fusion.fuse(q, kv, conv_corr[0], redim_corr[0])
+        return counter.get_total_flops()
+
+    caff, caff_dw = level_flops('caff'), level_flops('caff_dw')
+    assert caff == pytest.approx(266.5e9, rel=0.01)  # docs/benchmarks/fusion_cost.md, level 0 of the R50 model
+    assert caff_dw < 0.25 * caff
+    assert caff_dw < 0.08 * caff

@@ -1,10 +1,11 @@
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from models.utils import MLP, gen_sineembed_for_position, get_activation_fn, get_clones
+from models.utils import MLP, DerivedTensors, gen_sineembed_for_position, get_activation_fn, get_clones
 
 
 def test_mlp_keys_shapes_and_relu_between_layers():
@@ -50,14 +51,12 @@ def test_sineembed_default_width_is_dino_256_model():
         gen_sineembed_for_position(torch.rand(5, 3))
 
 
-def test_get_clones_copies_or_shares():
+def test_get_clones_makes_independent_copies():
     layer = nn.Linear(2, 2)
     copies = get_clones(layer, 3)
     assert len(copies) == 3 and all(c is not layer for c in copies)
     assert copies[0].weight.data_ptr() != copies[1].weight.data_ptr()
     torch.testing.assert_close(copies[2].weight, layer.weight)
-    shared = get_clones(layer, 3, layer_share=True)
-    assert all(c is layer for c in shared)
 
 
 def test_get_activation_fn():
@@ -65,3 +64,27 @@ def test_get_activation_fn():
     torch.testing.assert_close(get_activation_fn('relu')(x), torch.tensor([0.0, 2.0]))
     with pytest.raises(ValueError, match="'swish'"):
         get_activation_fn('swish')
+
+
+def test_derived_tensors_cache_until_a_source_changes():
+    cache = DerivedTensors()
+    weight = nn.Parameter(torch.ones(3))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return (weight * 2,)
+
+    (first,) = cache.get('w', [weight], build)  # autograd on and the source requires grad: built, not cached
+    assert first.requires_grad and len(cache) == 0
+    with torch.no_grad():
+        (a,) = cache.get('w', [weight], build)
+        (b,) = cache.get('w', [weight], build)
+        assert a is b and len(calls) == 2 and not a.requires_grad
+        weight.add_(1.0)  # in-place update (optimiser step, load_state_dict)
+        (c,) = cache.get('w', [weight], build)
+    assert torch.equal(c, torch.full((3,), 4.0)) and len(calls) == 3
+    with torch.inference_mode():
+        (d,) = cache.get('w', [weight], build)
+    assert d is c and not d.is_inference()
+    assert len(copy.deepcopy(cache)) == 0

@@ -26,7 +26,7 @@ def test_matches_formula_on_padded_batch():
     num_feats, temp_h, temp_w = 8, 20, 7
     sizes = [(5, 7), (3, 4)]
     mask = _padded_mask(sizes, 5, 7)
-    pe = PositionEmbeddingSineHW(num_feats, temperatureH=temp_h, temperatureW=temp_w, normalize=True)
+    pe = PositionEmbeddingSineHW(num_feats, pe_temperatureH=temp_h, pe_temperatureW=temp_w, normalize=True)
     pos = pe(NestedTensor(torch.zeros(2, 3, 5, 7), mask)).numpy()
     assert pos.shape == (2, 2 * num_feats, 5, 7)
     assert pos.dtype == np.float32

@@ -54,26 +54,6 @@ def test_dilation_keeps_last_stage_at_stride_16():
     assert joiner.strides == [8, 16, 16]
 
 
-def test_odd_input_size_outputs_and_masks():
-    torch.manual_seed(0)
-    joiner = build_backbone('resnet18', [0, 1, 2, 3], hidden_dim=32).eval()
-    samples = _images([(97, 131), (60, 90)], 97, 131)
-    with torch.no_grad():
-        features, pos = joiner(samples)
-    assert len(features) == len(pos) == 4
-    for feature, p, channels, stride in zip(features, pos, joiner.num_channels, joiner.strides):
-        h, w = -(-97 // stride), -(-131 // stride)
-        assert feature.tensors.shape == (2, channels, h, w)
-        assert p.shape == (2, 32, h, w)
-        assert feature.mask.dtype == torch.bool and feature.mask.shape == (2, h, w)
-        # Nearest resize: output pixel (i, j) takes input pixel (floor(i*97/h), floor(j*131/w)).
-        rows = (torch.arange(h) * 97 / h).floor().long()
-        cols = (torch.arange(w) * 131 / w).floor().long()
-        assert torch.equal(feature.mask, samples.mask[:, rows][:, :, cols])
-    assert not features[0].mask[0].any()
-    assert features[0].mask[1, -1, -1] and not features[0].mask[1, 0, 0]
-
-
 def test_frozen_batchnorm_equals_batchnorm_in_eval():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(6)
@@ -98,3 +78,51 @@ def test_errors_name_the_bad_value():
         ResNetBackbone('resnet18', [1, 2, 3], dilation=True)
     with pytest.raises(ValueError, match='use_checkpoint'):
         build_backbone('resnet18', [1, 2, 3], use_checkpoint=True)
+
+
+def _randomise_norms(module):
+    for norm in module.modules():
+        if isinstance(norm, FrozenBatchNorm2d):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2)
+
+
+@pytest.mark.parametrize('name, indices', [('resnet18', [0, 1, 2, 3]), ('resnet50', [1, 2, 3])])
+def test_inference_folds_the_norms_into_the_convs_and_matches_the_autograd_path(name, indices):
+    torch.manual_seed(0)
+    backbone = ResNetBackbone(name, indices)
+    _randomise_norms(backbone)
+    samples = _images([(61, 75), (40, 75)], 61, 75)
+    reference = backbone(samples)  # layer2-4 trainable: the unfolded body, with autograd
+    assert reference[-1].tensors.requires_grad
+    with torch.inference_mode():
+        folded = backbone(samples)
+    assert len(backbone._folded) == sum(isinstance(m, nn.Conv2d) for m in backbone.modules())
+    for got, want in zip(folded, reference):
+        assert got.tensors.is_contiguous()
+        assert torch.equal(got.mask, want.mask)
+        torch.testing.assert_close(got.tensors, want.tensors.detach(), rtol=1e-4, atol=1e-5 * want.tensors.abs().max().item())
+
+
+def test_folded_weights_follow_a_weight_update():
+    torch.manual_seed(0)
+    backbone = ResNetBackbone('resnet18', [3]).eval()
+    samples = _images([(40, 40)], 40, 40)
+    with torch.no_grad():
+        before = backbone(samples)[0].tensors
+        backbone.body.layer4[1].bn2.weight.mul_(3.0)
+        after = backbone(samples)[0].tensors
+        expected = list(backbone.body(samples.tensors).values())[0]  # unfolded body, as the reference runs it
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_frozen_backbone_takes_the_folded_path_in_training():
+    """With every parameter frozen (the reference's CAFF training) no gradient reaches the backbone, so the
+    folded convs serve training too."""
+    backbone = ResNetBackbone('resnet18', [2, 3])
+    backbone.requires_grad_(False)
+    out = backbone(_images([(32, 32)], 32, 32))
+    assert not out[0].tensors.requires_grad and len(backbone._folded) > 0

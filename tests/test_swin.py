@@ -57,24 +57,6 @@ def test_variants(name, channels, table_rows):
     assert four.layers[3].blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
 
 
-def test_swin_t_odd_input_size_outputs_and_masks():
-    torch.manual_seed(0)
-    joiner = build_backbone('swin_T_224_1k', [0, 1, 2, 3], hidden_dim=32).eval()
-    samples = _images([(97, 131), (50, 70)], 97, 131)
-    with torch.no_grad():
-        features, pos = joiner(samples)
-    assert len(features) == len(pos) == 4
-    for feature, p, channels, stride in zip(features, pos, joiner.num_channels, joiner.strides):
-        h, w = -(-97 // stride), -(-131 // stride)
-        assert feature.tensors.shape == (2, channels, h, w)
-        assert torch.isfinite(feature.tensors).all()
-        assert p.shape == (2, 32, h, w)
-        rows = (torch.arange(h) * 97 / h).floor().long()
-        cols = (torch.arange(w) * 131 / w).floor().long()
-        assert torch.equal(feature.mask, samples.mask[:, rows][:, :, cols])
-    assert not features[0].mask[0].any() and features[0].mask[1].any()
-
-
 def test_window_partition_round_trip_and_relative_index():
     x = torch.randn(2, 8, 12, 3)
     windows = window_partition(x, 4)

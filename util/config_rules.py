@@ -27,7 +27,7 @@ BIT_DEPTH_RULES = ('percentile', 'range')
 MISSING_MODALITY_CHOICES = ('none', 'rgb', 'ir')
 BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'swin_T_224_1k', 'swin_B_224_22k', 'swin_B_384_22k',
              'swin_L_224_22k', 'swin_L_384_22k')
-FUSION_TYPES = ('caff', 'concat', 'add', 'rgb_only', 'ir_only')
+FUSION_TYPES = ('caff', 'caff_dw', 'concat', 'add', 'rgb_only', 'ir_only')
 QUERY_MODALITIES = ('ir', 'rgb')
 MSDA_BACKENDS = ('auto', 'pytorch', 'cpu', 'cuda')
 ACTIVATIONS = ('relu', 'gelu', 'glu')

@@ -70,7 +70,9 @@ embed_init_tgt = True  # learned content queries (mixed query selection) instead
 msda_backend = 'auto'  # MSDeformAttn: 'auto', 'pytorch', 'cpu' or 'cuda'; env CAFF_MSDA_BACKEND overrides it
 
 # Fusion
-fusion_type = 'caff'  # 'caff' (cross-attention fusion), or the ablations 'concat', 'add', 'rgb_only', 'ir_only'
+# fusion_type: 'caff' (cross-attention fusion, the reference), 'caff_dw' (CAFF with depthwise-separable branch
+# convs), or the ablations 'concat', 'add', 'rgb_only', 'ir_only'
+fusion_type = 'caff'
 query_modality = 'ir'  # image on the backbone_visible / input_proj / CAFF-query side; 'ir' is what the reference did
 caff_num_stages = 2  # attention stages per CAFF block
 caff_kernel_sizes = [1, 5, 7]  # q/k/v conv kernels per branch; the state-dict names stay k1/k3/k7

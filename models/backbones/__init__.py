@@ -18,7 +18,7 @@ __all__ = ['BACKBONE_NAMES', 'FrozenBatchNorm2d', 'Joiner', 'build_backbone', 'f
 
 
 def build_backbone(name: str, return_interm_indices: list[int], dilation: bool = False, use_checkpoint: bool = False,
-                   hidden_dim: int = 256, pe_temperature_h: float = 20, pe_temperature_w: float = 20) -> Joiner:
+                   hidden_dim: int = 256, pe_temperatureH: float = 20, pe_temperatureW: float = 20) -> Joiner:
     """Joiner(backbone `name` returning stages `return_interm_indices`, PositionEmbeddingSineHW(hidden_dim // 2)).
 
     name: one of BACKBONE_NAMES. return_interm_indices: increasing stage indices in 0..3 ([1, 2, 3] for the
@@ -37,8 +37,8 @@ def build_backbone(name: str, return_interm_indices: list[int], dilation: bool =
                                           use_checkpoint=use_checkpoint)
     else:
         raise ValueError(f'backbone {name!r} is unknown; known backbones: {", ".join(BACKBONE_NAMES)}')
-    position_embedding = PositionEmbeddingSineHW(hidden_dim // 2, temperatureH=pe_temperature_h,
-                                                 temperatureW=pe_temperature_w, normalize=True)
+    position_embedding = PositionEmbeddingSineHW(hidden_dim // 2, pe_temperatureH=pe_temperatureH,
+                                                 pe_temperatureW=pe_temperatureW, normalize=True)
     return Joiner(backbone, position_embedding)
 
 

@@ -1,0 +1,68 @@
+"""models/fused_layers.py: the fused conv / linear kernels equal the plain composition, on both paths."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import fused_layers
+
+
+def _conv_case(channels_last):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 9, 11, generator=gen)
+    weight = torch.randn(8, 6, 3, 3, generator=gen)
+    bias = torch.randn(8, generator=gen)
+    residual = torch.randn(2, 8, 5, 6, generator=gen)
+    if channels_last:
+        x, weight = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight))
+    return x, weight, bias, residual
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('with_residual, relu', [(False, False), (False, True), (True, True), (True, False)])
+def test_conv2d_equals_conv_add_relu(channels_last, with_residual, relu):
+    x, weight, bias, residual = _conv_case(channels_last)
+    residual = residual if with_residual else None
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
+    if residual is not None:
+        expected = expected + residual.double()
+    if relu:
+        expected = expected.clamp(min=0)
+    with torch.inference_mode():
+        fast = fused_layers.conv2d(x, weight, bias, (2, 2), (1, 1), residual=residual, relu=relu)
+    plain = fused_layers.conv2d(x.double(), weight.double(), bias.double(), (2, 2), (1, 1),
+                                residual=None if residual is None else residual.double(), relu=relu)
+    torch.testing.assert_close(fast.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('mode', ['none', 'relu', 'residual'])
+def test_linear_equals_linear_then_op(mode):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 5, generator=gen)
+    weight, bias = torch.randn(4, 5, generator=gen), torch.randn(4, generator=gen)
+    residual = torch.randn(2, 7, 4, generator=gen) if mode == 'residual' else None
+    expected = F.linear(x.double(), weight.double(), bias.double())
+    expected = expected.clamp(min=0) if mode == 'relu' else expected
+    expected = expected + residual.double() if residual is not None else expected
+    with torch.no_grad():
+        fast = fused_layers.linear(x, weight, bias, residual=residual, relu=mode == 'relu')
+    weight.requires_grad_(True)
+    plain = fused_layers.linear(x, weight, bias, residual=residual, relu=mode == 'relu')  # autograd: plain ops
+    assert plain.requires_grad
+    for got in (fast, plain):
+        assert got.shape == (2, 7, 4)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    plain.sum().backward()
+    assert weight.grad is not None
+
+
+def test_the_fused_kernels_only_serve_float32_cpu_tensors_without_autograd():
+    x = torch.randn(2, 3)
+    assert fused_layers.onednn_applies(x) == fused_layers._ONEDNN
+    assert not fused_layers.onednn_applies(x.double())
+    weight = torch.randn(3, 3, requires_grad=True)
+    assert not fused_layers.onednn_applies(x, weight)
+    with torch.no_grad():
+        assert fused_layers.onednn_applies(x, weight) == fused_layers._ONEDNN
+    with pytest.raises(ValueError, match='residual and relu'):
+        fused_layers.linear(x, weight, None, residual=x, relu=True)
