@@ -20,11 +20,19 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_
            and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
 
 
+def tracing() -> bool:
+    """Whether a tracer records this call (``torch.export`` / ONNX export, ``torch.compile``, ``torch.jit.trace``):
+    it sees fake tensors, so kernels without a registered meta function and caches keyed on storage must step
+    aside for plain ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def onednn_applies(*tensors: Tensor | None) -> bool:
     """Whether the fused oneDNN kernels serve these tensors: oneDNN present, every tensor a float32 CPU tensor,
-    and no gradient to compute (the fused kernels have no backward)."""
+    no gradient to compute (the fused kernels have no backward), and no tracer at work (``torch.export`` / ONNX
+    export and the other tracers of :func:`tracing` record the plain ops, which they know how to lower)."""
     present = [t for t in tensors if t is not None]
-    if not _ONEDNN or any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in present):
+    if not _ONEDNN or tracing() or any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in present):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 

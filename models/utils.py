@@ -110,6 +110,7 @@ class DerivedTensors:
     no gradient can flow into the sources (``torch.is_grad_enabled()`` False or no source requires grad): with
     autograd the result is built fresh on every call so that gradients reach the parameters. Cached results are
     built outside inference mode, so one cache serves ``torch.inference_mode`` and ``torch.no_grad`` alike.
+    Under a tracer (``torch.export``, ``torch.compile``) nothing is cached: the tensors are fake.
     Copies of a module (``copy.deepcopy``, e.g. an EMA model) start with an empty cache.
     """
 
@@ -129,7 +130,7 @@ class DerivedTensors:
             build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return build()
-        if any(t.is_inference() for t in sources):  # no version counter to watch: do not cache
+        if fused_layers.tracing() or any(t.is_inference() for t in sources):  # fake tensors / no version counter
             return build()
         stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         entry = self._entries.get(key)

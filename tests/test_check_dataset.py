@@ -78,7 +78,7 @@ def test_missing_split_folder_and_broken_json_are_report_entries(root, capsys):
 
 @pytest.mark.parametrize('args, message', [
     (['--coco_path', '/no/such/folder'], "coco_path '/no/such/folder' is not a folder"),
-    (['--dataset_file', 'coco'], "dataset_file 'coco' is not one of"),
+    (['--dataset_file', 'coco'], "key 'dataset_file' = 'coco' is not allowed"),
     (['--options'], 'unrecognized arguments'),
     (['--workers', '0'], '--workers 0: give at least 1'),
 ])
@@ -94,7 +94,7 @@ def test_bad_config_value_is_one_line(root, capsys, write_file):
     config = write_file('cfg.py', f"_base_ = ['{check_dataset.Path(TINY).resolve()}']\nhigh_bit_depth_rule = 'clip'\n")
     status = check_dataset.main(['-c', str(config), '--coco_path', str(root)])
     _, err = capsys.readouterr()
-    assert status == 2 and len(err.splitlines()) == 1 and "high_bit_depth_rule = 'clip'" in err
+    assert status == 2 and len(err.splitlines()) == 1 and "key 'high_bit_depth_rule' = 'clip' is not allowed" in err
 
 
 def test_runs_as_a_script_with_headers_only(root, tmp_path):

@@ -51,7 +51,7 @@ def tree_state(root: Path) -> dict:
 def cfg_for(root, dataset_file, num_classes):
     return load_config(REPO / 'config/DINO/CAFF_tiny.py',
                        [f'coco_path={str(root)!r}', f'dataset_file={dataset_file!r}', f'num_classes={num_classes}',
-                        'eval_size=96', 'eval_max_size=128'])
+                        f'dn_labelbook_size={num_classes}', 'eval_size=96', 'eval_max_size=128'])
 
 
 # ---------------------------------------------------------------- KAIST

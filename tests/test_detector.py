@@ -181,12 +181,13 @@ def test_reference_checkpoint_with_args_namespace_loads(workspace, tmp_path):
     cfg = workspace['cfg']
     state = {f'module.{k}': v for k, v in workspace['model'].state_dict().items()}
     values = {k: v for k, v in cfg.to_dict().items() if k not in ('fusion_type', 'msda_backend')}
-    values.update(device='cuda', num_select='not an int')  # a value whose type does not fit is ignored
+    values.update(device='cuda', focal_alpha='not a float')  # a value whose type does not fit is ignored
     args = argparse.Namespace(**values, modelname='dino', two_stage_type='standard', nms_iou_threshold=-1)
     path = tmp_path / 'checkpoint_best_regular.pth'
     torch.save({'model': state, 'optimizer': {}, 'epoch': 11, 'args': args}, path)
     det = Detector.from_checkpoint(path, device='cpu')
-    assert det.config.hidden_dim == 32 and det.config.num_select == 300  # from args; the default where unusable
+    assert det.config.hidden_dim == 32 and det.config.num_select == cfg.num_select  # from args
+    assert det.config.focal_alpha == 0.25  # the default where the value is unusable
     rgb_path, ir_path = _pair(workspace)
     expected = workspace['detector'].predict(rgb_path, ir_path, score_threshold=0.0)
     result = det.predict(rgb_path, ir_path, score_threshold=0.0)

@@ -48,7 +48,7 @@ import torch
 from datasets.images import DEFAULT_BIT_DEPTH, BadPairError, BitDepthRule, read_image, to_rgb
 from datasets.transforms import make_eval_transforms, missing_image
 from util.checkpoint import CheckpointError, load_checkpoint, strip_module_prefix
-from util.config import KNOWN_KEYS_FILE, ConfigError, config_from_dict, load_config
+from util.config import KNOWN_KEYS_FILE, config_from_dict, load_config, value_fits
 from util.device import resolve_device
 from util.errors import UsageError
 from util.misc import collate_fn
@@ -89,14 +89,7 @@ def config_from_reference_args(args: argparse.Namespace, options: Optional[Mappi
     ...) and values whose type does not fit the key are left out; ``options`` are applied last.
     """
     values = load_config(KNOWN_KEYS_FILE).to_dict()
-    for key, value in vars(args).items():
-        if key not in values:
-            continue
-        try:
-            config_from_dict({**values, key: value}, source=source)
-        except ConfigError:
-            continue
-        values[key] = value
+    values.update({key: value for key, value in vars(args).items() if value_fits(key, value)})
     cfg = config_from_dict(values, source=source)
     if options:
         cfg = load_config_values(cfg.to_dict(), options, source)

@@ -112,6 +112,20 @@ def config_from_dict(values: Mapping[str, Any], source: str = 'dict') -> Config:
     return Config(values)
 
 
+def value_fits(key: str, value: Any) -> bool:
+    """Whether ``value`` alone may be the value of the known key ``key``: its type fits the key's default and its
+    rule in util/config_rules.py holds. Rules across keys are not checked (they need the whole config)."""
+    known = known_keys()
+    if key not in known:
+        return False
+    try:
+        _validate({key: value}, known, 'value')
+    except ConfigError:
+        return False
+    rule = VALUE_RULES.get(key)
+    return rule is None or rule.fits(_coerce(value, known[key]))
+
+
 def parse_options(items: Optional[Iterable[str]]) -> dict:
     """["a=1", "b=[1, 2]", "c=True", "d=None", "e=text", "f.g=0.5"] -> {'a': 1, 'b': [1, 2], ..., 'f.g': 0.5}.
 
