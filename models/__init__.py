@@ -32,12 +32,12 @@ def build_model(cfg):
     from .deformable_transformer import DeformableTransformer
     from .dn_components import check_dn_labelbook
     from .matcher import HungarianMatcher
-    from .ops import set_backend
+    from .ops import backend_from_config
     from .postprocess import PostProcess
 
     if cfg.use_dn:
         check_dn_labelbook(cfg.dn_labelbook_size, cfg.num_classes)  # before the (slow) backbones are built
-    set_backend(cfg.msda_backend)
+    msda_backend = backend_from_config(cfg.msda_backend)  # $CAFF_MSDA_BACKEND, if set, overrides the config
 
     def backbone(name):
         return build_backbone(name, return_interm_indices=list(cfg.return_interm_indices), dilation=cfg.dilation,
@@ -49,7 +49,7 @@ def build_model(cfg):
         num_decoder_layers=cfg.dec_layers, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
         activation=cfg.transformer_activation, num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels,
         enc_n_points=cfg.enc_n_points, dec_n_points=cfg.dec_n_points, embed_init_tgt=cfg.embed_init_tgt,
-        two_stage_default_hw=cfg.two_stage_default_hw)
+        two_stage_default_hw=cfg.two_stage_default_hw, msda_backend=msda_backend)
     model = CAFFDINO(
         backbone_visible=backbone(cfg.backbone), backbone_ir=backbone(cfg.backbone_ir or cfg.backbone),
         transformer=transformer, num_classes=cfg.num_classes, aux_loss=cfg.aux_loss,

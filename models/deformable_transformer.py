@@ -114,9 +114,9 @@ class DeformableTransformerEncoderLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ffn: int, dropout: float, activation: str, n_levels: int, n_heads: int,
-                 n_points: int):
+                 n_points: int, msda_backend: str = 'auto'):
         super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, d_ffn)
@@ -146,9 +146,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_ffn: int, dropout: float, activation: str, n_levels: int, n_heads: int,
-                 n_points: int):
+                 n_points: int, msda_backend: str = 'auto'):
         super().__init__()
-        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=msda_backend)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
@@ -298,12 +298,16 @@ class DeformableTransformer(nn.Module):
     Initialisation (DINO): xavier_uniform on every >1-dim parameter that exists at construction (so tgt_embed is
     xavier: DINO draws it normal and then overwrites it), then each MSDeformAttn's own reset, then level_embed
     normal. The heads attached later keep the detector's initialisation.
+
+    `msda_backend` is the backend every MSDeformAttn of the encoder and decoder asks for (config `msda_backend`;
+    the choices and the fallback rule are in models/ops/ms_deform_attn_func.py).
     """
 
     def __init__(self, d_model: int = 256, nhead: int = 8, num_encoder_layers: int = 6,
                  num_decoder_layers: int = 6, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = 'relu', num_feature_levels: int = 4, enc_n_points: int = 4, dec_n_points: int = 4,
-                 num_queries: int = 900, embed_init_tgt: bool = True, two_stage_default_hw: float = 0.05):
+                 num_queries: int = 900, embed_init_tgt: bool = True, two_stage_default_hw: float = 0.05,
+                 msda_backend: str = 'auto'):
         super().__init__()
         if d_model % 2 != 0:
             raise ValueError(f'DeformableTransformer: d_model (hidden_dim) must be even for the sine query '
@@ -319,10 +323,10 @@ class DeformableTransformer(nn.Module):
 
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         encoder_layer = DeformableTransformerEncoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                          num_feature_levels, nhead, enc_n_points)
+                                                          num_feature_levels, nhead, enc_n_points, msda_backend)
         self.encoder = DeformableTransformerEncoder(encoder_layer, num_encoder_layers)
         decoder_layer = DeformableTransformerDecoderLayer(d_model, dim_feedforward, dropout, activation,
-                                                          num_feature_levels, nhead, dec_n_points)
+                                                          num_feature_levels, nhead, dec_n_points, msda_backend)
         self.decoder = DeformableTransformerDecoder(decoder_layer, num_decoder_layers, d_model)
         # embed_init_tgt=False: the content queries are the selected encoder features, detached (DINO option).
         self.tgt_embed = nn.Embedding(num_queries, d_model) if embed_init_tgt else None

@@ -93,14 +93,16 @@ def reference_manifest():
 
 @pytest.fixture
 def fresh_msda_dispatch(monkeypatch):
-    """The MSDeformAttn dispatcher starts from 'auto', with no environment override and its own warn-once and
-    extension caches (tests/test_ms_deform_attn*.py use it for every test)."""
+    """The MSDeformAttn dispatcher with no environment override, its own warn-once, log-once and self-check
+    caches, and a copy of the loaded kernels (tests/test_ms_deform_attn*.py use it for every test)."""
     from models.ops import ms_deform_attn_func
     monkeypatch.delenv(ms_deform_attn_func.ENV_VAR, raising=False)
-    monkeypatch.setattr(ms_deform_attn_func, '_requested', 'auto')
-    monkeypatch.setattr(ms_deform_attn_func, '_warned', set())
-    monkeypatch.setattr(ms_deform_attn_func, '_logged', set())
-    monkeypatch.setattr(ms_deform_attn_func, '_extensions', dict(ms_deform_attn_func._extensions))
+    monkeypatch.setattr(ms_deform_attn_func, '_modules', dict(ms_deform_attn_func._modules))  # keeps built ones
+    monkeypatch.setattr(ms_deform_attn_func, '_unavailable', dict(ms_deform_attn_func._unavailable))
+    for name in ('_warned', '_logged'):
+        monkeypatch.setattr(ms_deform_attn_func, name, set())
+    for name in ('_trusted', 'self_check_seconds'):
+        monkeypatch.setattr(ms_deform_attn_func, name, {})
 
 
 @pytest.fixture(scope='session')

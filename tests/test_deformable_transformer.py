@@ -8,13 +8,8 @@ from torch import nn
 from models.deformable_transformer import (DeformableTransformer, DeformableTransformerEncoder,
                                            encoder_output_proposals, valid_ratios_from_mask)
 from models.dn_components import prepare_for_cdn
+from models.ops import MSDeformAttn
 from models.utils import MLP
-
-
-@pytest.fixture(autouse=True)
-def pytorch_msda(monkeypatch):
-    """The grid_sample path: no extension build inside unit tests."""
-    monkeypatch.setenv('CAFF_MSDA_BACKEND', 'pytorch')
 
 
 def attach_dino_heads(transformer: DeformableTransformer, num_classes: int) -> nn.Module:
@@ -35,7 +30,7 @@ def attach_dino_heads(transformer: DeformableTransformer, num_classes: int) -> n
 def tiny_transformer(num_queries=10, **kwargs) -> DeformableTransformer:
     torch.manual_seed(0)
     options = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64,
-                   num_feature_levels=2, num_queries=num_queries)
+                   num_feature_levels=2, num_queries=num_queries, msda_backend='pytorch')  # no kernel build
     options.update(kwargs)
     transformer = DeformableTransformer(**options)
     attach_dino_heads(transformer, num_classes=5)
@@ -65,10 +60,19 @@ def test_state_dict_matches_reference_manifest(reference_manifest, manifest, lev
     assert sum(p.numel() for p in transformer.parameters()) == {4: 17_775_550, 5: 18_071_870}[levels]
 
 
+def test_msda_backend_reaches_every_layer():
+    transformer = tiny_transformer(msda_backend='triton', num_encoder_layers=2)
+    layers = [m for m in transformer.modules() if isinstance(m, MSDeformAttn)]
+    assert len(layers) == 4 and {layer.backend for layer in layers} == {'triton'}
+    with pytest.raises(ValueError, match="MSDeformAttn: unknown MSDeformAttn backend 'gpu'"):
+        tiny_transformer(msda_backend='gpu')
+
+
 def test_initialisation_follows_dino():
     torch.manual_seed(0)
     transformer = DeformableTransformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
-                                        dim_feedforward=64, num_feature_levels=2, num_queries=10)
+                                        dim_feedforward=64, num_feature_levels=2, num_queries=10,
+                                        msda_backend='pytorch')
     attn = transformer.encoder.layers[0].self_attn
     # MSDeformAttn's own init runs after the blanket xavier init
     assert attn.sampling_offsets.weight.abs().sum() == 0 and attn.attention_weights.weight.abs().sum() == 0
@@ -171,7 +175,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match='expected 2 levels'):
         transformer(srcs[:1], masks[:1], pos[:1])
     bare = DeformableTransformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
-                                 dim_feedforward=64, num_feature_levels=2, num_queries=10)
+                                 dim_feedforward=64, num_feature_levels=2, num_queries=10, msda_backend='pytorch')
     with pytest.raises(RuntimeError, match='enc_out_class_embed'):
         bare(srcs, masks, pos)
 

@@ -1,6 +1,7 @@
 """Tests of models/ops: the pytorch path against a direct loop, the fused CPU kernel against the pytorch path
-(forward and the three gradients, fp64 and fp32), gradcheck, backend dispatch and fallback, and the MSDeformAttn
-layer (reference init, key names, 2-d / 4-d reference points, padding mask, fp16)."""
+(forward and the three gradients, fp64 and fp32), gradcheck, backend dispatch, the environment override, the
+self-check and its fallback (a deliberately wrong kernel injected), and the MSDeformAttn layer (reference init, key
+names, 2-d / 4-d reference points, padding mask, fp16, its own backend). The triton backend has its own file."""
 import math
 import os
 import re
@@ -12,8 +13,10 @@ import pytest
 import torch
 import torch.utils.cpp_extension
 
-from models.ops import MSDeformAttn, ms_deform_attn, ms_deform_attn_pytorch, resolve_backend, set_backend
+from models.ops import (MSDeformAttn, backend_from_config, ms_deform_attn, ms_deform_attn_pytorch, resolve_backend,
+                        use_backend)
 from models.ops import build, ms_deform_attn_func, ms_deform_attn_layer
+from models.ops.ms_deform_attn_func import output_and_grads
 
 pytestmark = pytest.mark.usefixtures('fresh_msda_dispatch')
 
@@ -47,10 +50,27 @@ def naive_ms_deform_attn(value, shapes, locations, weights):
     return out.flatten(2)
 
 
-def grads(fn, value, locations, weights, grad_out):
-    inputs = [t.detach().clone().requires_grad_() for t in (value, locations, weights)]
-    out = fn(*inputs)
-    return (out, *torch.autograd.grad(out, inputs, grad_out))
+class PytorchKernels:
+    """Kernels with the interface of a compiled extension, computed by the pytorch path; `corrupt` maps a name
+    ('output', 'grad_value', 'grad_locations', 'grad_weights') to a function applied to that result: a
+    deliberately wrong kernel."""
+
+    def __init__(self, **corrupt):
+        self.corrupt = corrupt
+        self.calls = 0
+
+    def _result(self, name, tensor):
+        return self.corrupt.get(name, lambda t: t)(tensor)
+
+    def forward(self, value, shapes, starts, locations, weights, im2col_step):
+        self.calls += 1
+        return self._result('output', ms_deform_attn_pytorch(value, shapes, locations, weights))
+
+    def backward(self, value, shapes, starts, locations, weights, grad_out, im2col_step):
+        with torch.enable_grad():  # autograd runs a Function's backward without grad mode
+            grads = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, shapes, l, a), value, locations,
+                                     weights, grad_out)[1:]
+        return [self._result(name, g) for name, g in zip(('grad_value', 'grad_locations', 'grad_weights'), grads)]
 
 
 def test_pytorch_path_matches_direct_loop(msda_inputs):
@@ -73,9 +93,9 @@ def test_pytorch_path_rejects_inconsistent_shapes(msda_inputs):
 def test_cpu_kernel_matches_pytorch(msda_inputs, cpu_extension, dtype, tol, d, p):
     value, spatial_shapes, level_start_index, locations, weights = msda_inputs(d=d, p=p, dtype=dtype)
     grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * d, dtype=dtype)
-    expected = grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
+    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
                      grad_out)
-    fused = grads(lambda v, l, a: ms_deform_attn_func._FusedMSDeformAttn.apply(
+    fused = output_and_grads(lambda v, l, a: ms_deform_attn_func._FusedMSDeformAttn.apply(
         cpu_extension, v, spatial_shapes, level_start_index, l, a, 64), value, locations, weights, grad_out)
     for name, got, want in zip(('output', 'grad_value', 'grad_locations', 'grad_weights'), fused, expected):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item(), msg=name)
@@ -91,7 +111,7 @@ def test_cpu_backward_with_more_threads_than_heads(msda_inputs, cpu_extension):
         fused = cpu_extension.backward(value, spatial_shapes, level_start_index, locations, weights, grad_out, 64)
     finally:
         torch.set_num_threads(threads)
-    expected = grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
+    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
                      grad_out)[1:]
     for got, want in zip(fused, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
@@ -164,56 +184,119 @@ def test_build_puts_the_interpreters_ninja_on_path(monkeypatch, tmp_path):
 
 def test_auto_picks_cpu_kernel_and_matches_pytorch(msda_inputs, cpu_extension):
     value, spatial_shapes, level_start_index, locations, weights = msda_inputs()
-    assert resolve_backend(value.device) == 'cpu'
-    fused = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
-    set_backend('pytorch')
-    assert resolve_backend(value.device) == 'pytorch'
-    reference = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    assert resolve_backend('auto', value.device, value.dtype) == 'cpu'
+    assert resolve_backend('pytorch', value.device, value.dtype) == 'pytorch'
+    fused = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend='auto')
+    reference = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend='pytorch')
     torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
 
 
-def test_environment_variable_overrides_set_backend(monkeypatch, cpu_extension):
-    set_backend('cpu')
-    monkeypatch.setenv(ms_deform_attn_func.ENV_VAR, 'pytorch')
-    assert resolve_backend(torch.device('cpu')) == 'pytorch'
+def test_environment_variable_overrides_the_config_and_is_logged_once(monkeypatch):
+    logged = []
+    monkeypatch.setattr(ms_deform_attn_func.logger, 'warning', lambda *args: logged.append(args))
+    assert backend_from_config('cpu') == 'cpu' and not logged
+    monkeypatch.setenv(ms_deform_attn_func.ENV_VAR, ' Pytorch ')
+    assert backend_from_config('cpu') == 'pytorch'
+    assert backend_from_config('cpu') == 'pytorch'
+    assert len(logged) == 1 and 'overrides msda_backend' in logged[0][0]
     monkeypatch.setenv(ms_deform_attn_func.ENV_VAR, 'fast')
-    with pytest.raises(ValueError, match='CAFF_MSDA_BACKEND'):
-        resolve_backend(torch.device('cpu'))
+    with pytest.raises(ValueError, match="environment variable CAFF_MSDA_BACKEND: unknown MSDeformAttn backend 'fast'"):
+        backend_from_config('cpu')
 
 
-def test_unknown_backend_name_is_an_error():
+def test_unknown_backend_name_is_an_error(msda_inputs):
+    with pytest.raises(ValueError, match="msda_backend: unknown MSDeformAttn backend 'gpu'"):
+        backend_from_config('gpu')
     with pytest.raises(ValueError, match="unknown MSDeformAttn backend 'gpu'"):
-        set_backend('gpu')
+        ms_deform_attn(*msda_inputs(), backend='gpu')
 
 
 def test_failed_build_warns_once_and_falls_back(msda_inputs, monkeypatch):
     def broken_build():
         raise RuntimeError('Error building extension\nc++: fatal error: no input files')
 
-    monkeypatch.setattr(ms_deform_attn_func, '_extensions', {})
+    monkeypatch.setattr(ms_deform_attn_func, '_modules', {})
     monkeypatch.setattr(build, 'load_cpu_extension', broken_build)
     value, spatial_shapes, level_start_index, locations, weights = msda_inputs()
-    with pytest.warns(RuntimeWarning, match="'cpu' backend could not be built.*no input files"):
-        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    with pytest.warns(RuntimeWarning, match="using the 'pytorch' backend for cpu float64 tensors \\('cpu' could not "
+                                            "be built \\(c\\+\\+: fatal error: no input files"):
+        out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend='cpu')
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend='cpu')
     torch.testing.assert_close(out, ms_deform_attn_pytorch(value, spatial_shapes, locations, weights))
 
 
 def test_cuda_backend_on_cpu_tensors_warns_and_runs(cpu_extension):
-    set_backend('cuda')
-    with pytest.warns(RuntimeWarning, match="backend 'cuda' cannot run cpu tensors"):
-        assert resolve_backend(torch.device('cpu')) == 'cpu'
+    with pytest.warns(RuntimeWarning, match="using the 'cpu' backend .*'cuda' cannot run cpu tensors"):
+        assert resolve_backend('cuda', torch.device('cpu')) == 'cpu'
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_falls_back(monkeypatch):
+    """Without TRITON_INTERPRET=1 at import, the triton kernels cannot run CPU tensors: one warning, pytorch."""
+    fake = type('CompiledTritonKernels', (), {'can_run': staticmethod(lambda device: device.type == 'cuda')})
+    monkeypatch.setitem(ms_deform_attn_func._modules, 'triton', fake)
+    with pytest.warns(RuntimeWarning, match="'triton' runs cpu tensors only under TRITON_INTERPRET=1"):
+        assert resolve_backend('triton', torch.device('cpu')) == 'pytorch'
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert resolve_backend('triton', torch.device('cpu')) == 'pytorch'
+
+
+@pytest.mark.parametrize('wrong, dtype', [('output', torch.float32), ('grad_value', torch.float64),
+                                          ('grad_locations', torch.float32), ('grad_weights', torch.float64)])
+def test_self_check_rejects_a_wrong_kernel(msda_inputs, monkeypatch, wrong, dtype):
+    """A kernel off by 1 % in one of its four results is caught before it runs: one warning naming the result
+    and the error size, then the pytorch path, for this dtype only."""
+    bad = PytorchKernels(**{wrong: lambda t: t * 1.01})
+    monkeypatch.setitem(ms_deform_attn_func._modules, 'cpu', bad)
+    value, spatial_shapes, level_start_index, locations, weights = msda_inputs(dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
+    with pytest.warns(RuntimeWarning, match=f"'cpu' disagrees with 'pytorch' on the self-check problem: {wrong} "
+                                            r"off by 1\.00e-02 of its largest value"):
+        out = ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2], backend='cpu')
+    calls = bad.calls
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        again = ms_deform_attn(leaves[0], spatial_shapes, level_start_index, leaves[1], leaves[2], backend='cpu')
+    assert bad.calls == calls  # the wrong kernel is not run again
+    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations,
+                                weights, torch.ones_like(out))
+    got = (out.detach(), *torch.autograd.grad(again.sum(), leaves))
+    for name, g, w in zip(('output', 'grad_value', 'grad_locations', 'grad_weights'), got, expected):
+        torch.testing.assert_close(g, w, msg=name)
+    assert set(ms_deform_attn_func._trusted) == {('cpu', 'cpu', dtype)}  # the verdict is per (device, dtype)
+
+
+def test_self_check_catches_a_kernel_that_raises(msda_inputs, monkeypatch):
+    class Raising(PytorchKernels):
+        def backward(self, *args):
+            raise RuntimeError('illegal memory access')
+
+    monkeypatch.setitem(ms_deform_attn_func._modules, 'cpu', Raising())
+    with pytest.warns(RuntimeWarning, match=r"'cpu' failed on the self-check problem \(RuntimeError: illegal memory"):
+        assert resolve_backend('cpu', torch.device('cpu')) == 'pytorch'
+
+
+def test_self_check_trusts_the_cpu_kernel_in_well_under_a_second(msda_inputs, cpu_extension):
+    """The one-time cost of the self-check of the real cpu kernel (printed: pytest -s shows it), with a DINO-sized
+    head (M=8, D=32, L=4, P=4); run inside inference mode, it leaves the global RNG untouched."""
+    rng = torch.random.get_rng_state()
+    with torch.inference_mode():
+        assert resolve_backend('auto', torch.device('cpu'), torch.float32, (8, 32, 4, 4)) == 'cpu'
+    seconds = ms_deform_attn_func.self_check_seconds[('cpu', 'cpu', torch.float32)]
+    print(f'self-check of the cpu kernel (M=8, D=32, L=4, P=4, fp32): {1e3 * seconds:.1f} ms')
+    assert seconds < 1.0
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert ms_deform_attn_func._trusted[('cpu', 'cpu', torch.float32)] is None
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('backend', ['pytorch', 'cpu'])
 def test_reduced_precision_runs_in_fp32(msda_inputs, cpu_extension, dtype, backend):
-    set_backend(backend)
     value, spatial_shapes, level_start_index, locations, weights = msda_inputs(dtype=torch.float32)
     value, weights = value.to(dtype), weights.to(dtype)
-    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+    out = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=backend)
     assert out.dtype == dtype
     expected = ms_deform_attn_pytorch(value.float(), spatial_shapes, locations, weights.float())
     torch.testing.assert_close(out, expected.to(dtype))
@@ -264,8 +347,8 @@ def test_module_sampling_locations_for_2d_and_4d_references(monkeypatch):
     query, flat, spatial_shapes, level_start_index, gen = module_inputs()
     seen = {}
 
-    def spy(value, shapes, starts, locations, weights, im2col_step, shapes_list):
-        seen['locations'], seen['weights'] = locations, weights
+    def spy(value, shapes, starts, locations, weights, im2col_step, shapes_list, backend):
+        seen['locations'], seen['weights'], seen['backend'] = locations, weights, backend
         return ms_deform_attn_pytorch(value, shapes, locations, weights, shapes_list)
 
     monkeypatch.setattr(ms_deform_attn_layer, 'ms_deform_attn', spy)
@@ -279,7 +362,7 @@ def test_module_sampling_locations_for_2d_and_4d_references(monkeypatch):
     out = layer(query, ref4, flat, spatial_shapes, level_start_index)
     box_scaled = offsets / 2 * ref4[:, :, None, :, None, 2:] * 0.5
     torch.testing.assert_close(seen['locations'], ref4[:, :, None, :, None, :2] + box_scaled)
-    assert out.shape == (2, 5, 16)
+    assert out.shape == (2, 5, 16) and seen['backend'] == 'auto'
     with pytest.raises(ValueError, match='must end in 2'):
         layer(query, ref4[..., :3], flat, spatial_shapes, level_start_index)
 
@@ -298,25 +381,38 @@ def test_module_padding_mask_ignores_padded_values():
 
 
 def test_module_backends_agree_and_fp16_keeps_dtype(cpu_extension):
-    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2, backend='cpu')
     torch.nn.init.normal_(layer.sampling_offsets.weight, std=0.5)
     query, flat, spatial_shapes, level_start_index, gen = module_inputs()
     ref = torch.rand(2, 5, 2, 4, generator=gen)
     outputs, param_grads = {}, {}
     for backend in ('cpu', 'pytorch'):
-        set_backend(backend)
-        layer.zero_grad()
-        outputs[backend] = layer(query, ref, flat, spatial_shapes, level_start_index,
-                                 spatial_shapes_list=[(4, 6), (2, 3)])
-        outputs[backend].square().sum().backward()
-        param_grads[backend] = {k: p.grad.clone() for k, p in layer.named_parameters()}
+        with use_backend(layer, backend):
+            layer.zero_grad()
+            outputs[backend] = layer(query, ref, flat, spatial_shapes, level_start_index,
+                                     spatial_shapes_list=[(4, 6), (2, 3)])
+            outputs[backend].square().sum().backward()
+            param_grads[backend] = {k: p.grad.clone() for k, p in layer.named_parameters()}
+    assert layer.backend == 'cpu'  # restored after the block
+    assert ms_deform_attn_func.self_check_seconds.keys() == {('cpu', 'cpu', torch.float32)}
     reference = outputs['pytorch']
     torch.testing.assert_close(outputs['cpu'], reference, rtol=1e-5, atol=1e-6)
     for name, grad in param_grads['pytorch'].items():
         torch.testing.assert_close(param_grads['cpu'][name], grad, rtol=1e-4, atol=1e-5, msg=name)
     reference = reference.detach()
     half = layer.half()
-    set_backend('auto')
     out = half(query.half(), ref.half(), flat.half(), spatial_shapes, level_start_index)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_module_holds_its_backend():
+    layers = torch.nn.Sequential(MSDeformAttn(16, 2, 2, 2, backend='pytorch'), MSDeformAttn(16, 2, 2, 2))
+    assert [layer.backend for layer in layers] == ['pytorch', 'auto']
+    assert "backend='pytorch'" in repr(layers[0])
+    assert 'backend' not in ''.join(layers.state_dict())
+    with use_backend(layers, 'triton'):
+        assert [layer.backend for layer in layers] == ['triton', 'triton']
+    assert [layer.backend for layer in layers] == ['pytorch', 'auto']
+    with pytest.raises(ValueError, match="MSDeformAttn: unknown MSDeformAttn backend 'gpu'"):
+        MSDeformAttn(16, 2, 2, 2, backend='gpu')

@@ -2,18 +2,20 @@
 
 Follows Deformable-DETR `models/ops/modules/ms_deform_attn.py` (identical in DINO): same parameter names
 (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`), shapes and initialisation, so public DINO
-weights load unchanged. Differences: the op is chosen at call time (`ms_deform_attn_func.py`, nothing compiled at
-import), fp16/bf16 run the op in fp32 and cast back, the level shapes may be passed as a Python list, and a
+weights load unchanged. Differences: each layer holds the backend it asks the op for (`backend`, passed by the
+builder from `msda_backend`; `use_backend` changes it for a block), resolved at call time (`ms_deform_attn_func.py`,
+nothing compiled at import), fp16/bf16 run the op in fp32 and cast back, the level shapes may be passed as a Python list, and a
 d_model not divisible by n_heads is an error (the reference's power-of-two head-size warning is dropped: the
 kernels here have no such preference).
 """
+import contextlib
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .ms_deform_attn_func import ms_deform_attn
+from .ms_deform_attn_func import check_backend_name, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -25,11 +27,15 @@ class MSDeformAttn(nn.Module):
         loc      = ref + offsets / (W_l, H_l)                    for 2-d reference points (x, y)
         loc      = ref_xy + offsets / P * ref_wh * 0.5           for 4-d reference boxes (cx, cy, w, h), DINO
         out      = output_proj(ms_deform_attn(value_proj(input_flatten), loc, weights))
+
+    `backend` is the one asked of the op ('auto', 'pytorch', 'cpu', 'cuda', 'triton'); it is not a parameter or
+    buffer, so checkpoints do not carry it.
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 im2col_step: int = 64):
+                 im2col_step: int = 64, backend: str = 'auto'):
         super().__init__()
+        self.backend = check_backend_name(backend, 'MSDeformAttn')
         if d_model % n_heads != 0:
             raise ValueError(f"MSDeformAttn: d_model ({d_model}) must be divisible by n_heads ({n_heads}); "
                              "change hidden_dim or nheads")
@@ -108,5 +114,24 @@ class MSDeformAttn(nn.Module):
             raise ValueError("MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape "
                              f"{tuple(reference_points.shape)}")
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
-                             self.im2col_step, spatial_shapes_list)
+                             self.im2col_step, spatial_shapes_list, self.backend)
         return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        return (f'd_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, '
+                f'n_points={self.n_points}, backend={self.backend!r}')
+
+
+@contextlib.contextmanager
+def use_backend(model: nn.Module, backend: str) -> Iterator[None]:
+    """Inside the block every MSDeformAttn of `model` asks for `backend`; their own backends are restored after."""
+    check_backend_name(backend, 'use_backend')
+    layers = [module for module in model.modules() if isinstance(module, MSDeformAttn)]
+    saved = [layer.backend for layer in layers]
+    for layer in layers:
+        layer.backend = backend
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, saved):
+            layer.backend = previous
