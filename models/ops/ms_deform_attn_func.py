@@ -128,14 +128,14 @@ def _why_not_loadable(name: str, device: torch.device) -> str | None:
 
 
 def self_check_problem(device: torch.device, dtype: torch.dtype, heads: int = 2, head_dim: int = 4,
-                       levels: int = 2, points: int = 2, seed: int = 0):
-    """A small random problem: value, spatial_shapes, level_start_index, locations in [-0.3, 1.3], weights,
-    grad_output; maps of at most 5x5, with a single row and a single column among them. The global RNG is not
-    touched."""
+                       levels: int = 2, points: int = 2, queries: int = 5, seed: int = 0):
+    """A small random problem, batch 2: value, spatial_shapes, level_start_index, locations in [-0.3, 1.3],
+    weights, grad_output; maps of at most 5x5, with a single row and a single column among them. The global RNG
+    is not touched."""
     gen = torch.Generator().manual_seed(seed)
     shapes = torch.tensor([(3, 5), (1, 4), (4, 1), (2, 2), (5, 3)] * (levels // 5 + 1))[:levels]
     starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
-    n, lq, s = 2, 5, int(shapes.prod(1).sum())
+    n, lq, s = 2, queries, int(shapes.prod(1).sum())
     value = torch.randn(n, s, heads, head_dim, generator=gen, dtype=dtype)
     locations = torch.rand(n, lq, heads, levels, points, 2, generator=gen, dtype=dtype) * 1.6 - 0.3
     weights = torch.rand(n, lq, heads, levels, points, generator=gen, dtype=dtype)
