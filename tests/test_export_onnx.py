@@ -105,7 +105,7 @@ def test_export_matches_pytorch_in_onnxruntime_at_two_sizes(tiny, tmp_path, caps
     session = onnxruntime.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     rgb, ir = torch.randn(1, 3, 400, 520), torch.randn(1, 3, 400, 520)
     logits, boxes, *_ = session.run(None, {'rgb': rgb.numpy(), 'ir': ir.numpy()})
-    with export_onnx.msda_backend('pytorch'), torch.no_grad():
+    with export_onnx.msda_backend(model, 'pytorch'), torch.no_grad():
         expected = model([rgb[0]], [ir[0]])
     rows = export_onnx._query_rows(expected['pred_logits'], expected['pred_boxes'])
     got = export_onnx._query_rows(torch.from_numpy(logits), torch.from_numpy(boxes))

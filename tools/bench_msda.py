@@ -1,15 +1,21 @@
-"""Benchmark of the MSDeformAttn backends: forward and forward+backward time, ratio to `pytorch`, peak memory.
+"""Benchmark of the MSDeformAttn backends: forward and forward+backward time, ratio to `pytorch`, peak memory, and
+the one-time self-check of each compiled backend (models/ops/ms_deform_attn_func.py).
 
 Cases (DINO 4-scale on a 640x512 LLVIP image; levels at strides 8, 16, 32, 64 -> S = 6800 positions; batch 2,
 M = 8 heads, D = 32 channels per head, P = 4 points):
     encoder   Lq = 6800 queries, one per position; sampling around each query's own pixel (init-like offsets)
     decoder   Lq = 1100 queries (900 + 200 denoising); 4-d reference boxes spread over the image
 The op runs on the same inputs for every backend; times are medians over --repeats runs after one warm-up.
+--dtypes casts value, locations and weights (float16 / bfloat16 inputs are computed in fp32 by every backend).
 Peak memory on CPU is the growth of the process's resident-set high-water mark while the case runs (each
-(backend, case) runs in a fresh process); on CUDA it is torch's peak allocated memory above the inputs.
+(backend, case) runs in a fresh process); on CUDA it is torch's peak allocated memory above the inputs. The
+self-check column is the one-time cost of the first call of a compiled backend for a (device, dtype), measured
+after a warm-up call of the pytorch path (so that torch's own first-call set-up is not counted); for triton on
+CUDA it includes the JIT compile of the kernels.
 
     python tools/bench_msda.py            # cpu: pytorch vs cpu, 2 threads, writes docs/benchmarks/msda_cpu.md
-    python tools/bench_msda.py --device cuda --output outputs/msda_cuda.md
+    python tools/bench_msda.py --device cuda --dtypes float32 float16 bfloat16 --output outputs/msda_cuda.md
+                                          # cuda: pytorch, cuda and triton
 """
 import argparse
 import json
@@ -28,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from models.ops import ms_deform_attn, resolve_backend, set_backend  # noqa: E402  (needs ROOT on sys.path)
+from models.ops import ms_deform_attn, ms_deform_attn_func, ms_deform_attn_pytorch, resolve_backend  # noqa: E402
 
 IMAGE_HW = (512, 640)
 STRIDES = (8, 16, 32, 64)
 CASES = {'encoder': None, 'decoder': 1100}  # number of queries; None = one per value position
+DEFAULT_BACKENDS = {'cpu': ['pytorch', 'cpu'], 'cuda': ['pytorch', 'cuda', 'triton']}
+DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 DEFAULT_OUTPUT = ROOT / 'docs' / 'benchmarks' / 'msda_cpu.md'
 
 
@@ -92,25 +100,43 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(backend: str, case: str, device: torch.device, repeats: int) -> dict:
-    """Forward and forward+backward median ms and peak extra memory (MiB) of one backend on one case."""
-    set_backend(backend)
-    value, shapes, starts, locations, weights = make_case(case, device)
+def first_call(backend: str, device: torch.device, problem: tuple[int, int, int, int]) -> tuple[str, float]:
+    """Resolve `backend` for fp32 (every DTYPES input is computed in fp32) as the first call of a run does:
+    build / import it and run its self-check. Returns the backend that will run and the self-check's one-time
+    cost in ms (nan when none ran: pytorch, or a backend that could not be loaded)."""
+    warm = ms_deform_attn_func.self_check_problem(device, torch.float32, *problem)  # torch's first-call set-up
+    ms_deform_attn_func.output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, warm[1], l, a), warm[0],
+                                         *warm[3:])
+    ran = resolve_backend(backend, device, torch.float32, problem)
+    seconds = ms_deform_attn_func.self_check_seconds.get((backend, str(device), torch.float32))
+    return ran, float('nan') if seconds is None else 1e3 * seconds
+
+
+def measure(backend: str, case: str, device: torch.device, repeats: int, dtype_name: str = 'float32') -> dict:
+    """Forward and forward+backward median ms, peak extra memory (MiB) and self-check ms of one backend on one
+    case, with inputs of dtype `dtype_name`."""
+    dtype = DTYPES[dtype_name]
+    value, shapes, starts, locations, weights = (t.to(dtype) if t.is_floating_point() else t
+                                                 for t in make_case(case, device))
     shapes_list = [tuple(hw) for hw in shapes.tolist()]
-    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], device=device)
+    grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * value.shape[3], device=device,
+                           dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (value, locations, weights)]
 
     def forward():
         with torch.no_grad():
-            return ms_deform_attn(value, shapes, starts, locations, weights, spatial_shapes_list=shapes_list)
+            return ms_deform_attn(value, shapes, starts, locations, weights, spatial_shapes_list=shapes_list,
+                                  backend=backend)
 
     def forward_backward():
-        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], spatial_shapes_list=shapes_list)
+        out = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], spatial_shapes_list=shapes_list,
+                             backend=backend)
         out.backward(grad_out)
         for leaf in leaves:
             leaf.grad = None
 
-    ran = resolve_backend(device)  # loads the extension first, so its library is not counted as op memory
+    problem = (value.shape[2], value.shape[3], *locations.shape[3:5])
+    ran, check_ms = first_call(backend, device, problem)  # before the baseline: the kernels are not op memory
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -124,13 +150,13 @@ def measure(backend: str, case: str, device: torch.device, repeats: int) -> dict
     else:
         peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024
     label = backend if ran == backend else f'{backend} (ran {ran})'
-    return {'backend': label, 'case': case, 'fwd_ms': fwd, 'fwd_bwd_ms': fwd_bwd, 'peak_mib': peak_mib,
-            'queries': int(locations.shape[1])}
+    return {'backend': label, 'case': case, 'dtype': dtype_name, 'fwd_ms': fwd, 'fwd_bwd_ms': fwd_bwd,
+            'peak_mib': peak_mib, 'queries': int(locations.shape[1]), 'self_check_ms': check_ms}
 
 
-def _measure_in_fresh_process(backend: str, case: str, threads: int, repeats: int) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), '--worker', backend, case, '--threads', str(threads),
-               '--repeats', str(repeats)]
+def _measure_in_fresh_process(backend: str, case: str, dtype_name: str, threads: int, repeats: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), '--worker', backend, case, dtype_name, '--threads',
+               str(threads), '--repeats', str(repeats)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"bench_msda: measuring backend '{backend}' on case '{case}' failed:\n{result.stderr}")
@@ -138,19 +164,20 @@ def _measure_in_fresh_process(backend: str, case: str, threads: int, repeats: in
 
 
 def table(rows: list[dict], threads: int | None, device: torch.device) -> str:
-    reference = {r['case']: r for r in rows if r['backend'] == 'pytorch'}
+    reference = {(r['case'], r['dtype']): r for r in rows if r['backend'] == 'pytorch'}
     where = f'{threads} CPU threads' if device.type == 'cpu' else torch.cuda.get_device_name(device)
     lines = [f'MSDeformAttn backends on {device.type} ({where}); N=2, M=8, D=32, L=4, P=4, S=6800; median ms',
              '',
-             '| backend | case | Lq | fwd ms | fwd+bwd ms | fwd ratio vs pytorch | fwd+bwd ratio vs pytorch | '
-             'peak extra memory MiB |',
-             '|---|---|---|---|---|---|---|---|']
+             '| backend | case | dtype | Lq | fwd ms | fwd+bwd ms | fwd ratio vs pytorch | fwd+bwd ratio vs pytorch | '
+             'peak extra memory MiB | self-check ms |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        ref = reference.get(r['case'])
+        ref = reference.get((r['case'], r['dtype']))
         fwd_ratio = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else '-'
         bwd_ratio = f"{ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x" if ref else '-'
-        lines.append(f"| {r['backend']} | {r['case']} | {r['queries']} | {r['fwd_ms']:.1f} | {r['fwd_bwd_ms']:.1f} | "
-                     f"{fwd_ratio} | {bwd_ratio} | {r['peak_mib']:.0f} |")
+        check = '-' if r['self_check_ms'] != r['self_check_ms'] else f"{r['self_check_ms']:.1f}"
+        lines.append(f"| {r['backend']} | {r['case']} | {r['dtype']} | {r['queries']} | {r['fwd_ms']:.1f} | "
+                     f"{r['fwd_bwd_ms']:.1f} | {fwd_ratio} | {bwd_ratio} | {r['peak_mib']:.0f} | {check} |")
     return '\n'.join(lines)
 
 
@@ -158,33 +185,37 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description='Time the MSDeformAttn backends against the pytorch path.')
     parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
     parser.add_argument('--backends', nargs='+', default=None,
-                        help="default: pytorch and the device's fused backend (cpu or cuda)")
+                        help='default: pytorch and cpu on cpu; pytorch, cuda and triton on cuda')
     parser.add_argument('--cases', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--dtypes', nargs='+', default=['float32'], choices=list(DTYPES),
+                        help='input dtypes (float16 / bfloat16 inputs are computed in fp32)')
     parser.add_argument('--threads', type=int, default=2, help='torch CPU threads (CPU device)')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--output', type=Path, default=None,
                         help=f'markdown file for the table (default for cpu: {DEFAULT_OUTPUT.relative_to(ROOT)}); '
                              "'-' to print only")
-    parser.add_argument('--worker', nargs=2, metavar=('BACKEND', 'CASE'), help=argparse.SUPPRESS)
+    parser.add_argument('--worker', nargs=3, metavar=('BACKEND', 'CASE', 'DTYPE'), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.worker:
-        print(json.dumps(measure(*args.worker, device, args.repeats)))
+        backend, case, dtype_name = args.worker
+        print(json.dumps(measure(backend, case, device, args.repeats, dtype_name)))
         return
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is visible')
-    backends = args.backends or ['pytorch', device.type]
+    backends = args.backends or DEFAULT_BACKENDS[device.type]
     rows = []
-    for case in args.cases:
-        for backend in backends:
-            if device.type == 'cpu':
-                row = _measure_in_fresh_process(backend, case, args.threads, args.repeats)
-            else:
-                row = measure(backend, case, device, args.repeats)
-            rows.append(row)
-            print(f"{backend:8s} {case:8s} fwd {row['fwd_ms']:9.1f} ms   fwd+bwd {row['fwd_bwd_ms']:9.1f} ms",
-                  flush=True)
+    for dtype_name in args.dtypes:
+        for case in args.cases:
+            for backend in backends:
+                if device.type == 'cpu':
+                    row = _measure_in_fresh_process(backend, case, dtype_name, args.threads, args.repeats)
+                else:
+                    row = measure(backend, case, device, args.repeats, dtype_name)
+                rows.append(row)
+                print(f"{backend:8s} {case:8s} {dtype_name:8s} fwd {row['fwd_ms']:9.1f} ms   "
+                      f"fwd+bwd {row['fwd_bwd_ms']:9.1f} ms   self-check {row['self_check_ms']:.1f} ms", flush=True)
     text = table(rows, args.threads if device.type == 'cpu' else None, device)
     print()
     print(text)

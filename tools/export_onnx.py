@@ -36,7 +36,6 @@ Without ``--checkpoint`` the model keeps its random initialisation (for timing).
 normalisation, the size constraint and the class names in its metadata (``caff_dino.*`` keys).
 """
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -111,20 +110,11 @@ def check_size(height: int, width: int, minimum: int, what: str) -> None:
                           f'kernel); choose a larger size')
 
 
-@contextlib.contextmanager
-def msda_backend(name: str):
-    """Run MSDeformAttn on backend ``name`` inside the block (through ``CAFF_MSDA_BACKEND``, which takes precedence
-    over ``msda_backend`` / ``set_backend``); the variable is restored afterwards."""
-    from models.ops.ms_deform_attn_func import ENV_VAR
-    saved = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[ENV_VAR]
-        else:
-            os.environ[ENV_VAR] = saved
+def msda_backend(model: nn.Module, name: str):
+    """Context manager: every MSDeformAttn of ``model`` asks for backend ``name`` inside the block (its own backend
+    is restored afterwards); ``CAFF_MSDA_BACKEND`` only applies when a model is built, so it cannot interfere."""
+    from models.ops import use_backend
+    return use_backend(model, name)
 
 
 def export(wrapper: OnnxExportModel, path: str, height: int, width: int, metadata: dict[str, str]) -> None:
@@ -132,7 +122,7 @@ def export(wrapper: OnnxExportModel, path: str, height: int, width: int, metadat
     names = OUTPUT_NAMES + (POSTPROCESS_NAMES if wrapper.postprocess is not None else ())
     example = tuple(torch.randn(1, 3, height, width) for _ in INPUT_NAMES)
     dims = {2: 'height', 3: 'width'}
-    with msda_backend('pytorch'), torch.no_grad():
+    with msda_backend(wrapper, 'pytorch'), torch.no_grad():
         program = torch.onnx.export(wrapper.eval(), example, input_names=list(INPUT_NAMES), output_names=list(names),
                                     dynamic_shapes={name: dims for name in INPUT_NAMES}, dynamo=True,
                                     opset_version=OPSET, verbose=False)
@@ -167,7 +157,7 @@ def parity(wrapper: OnnxExportModel, session, height: int, width: int, seed: int
     """PyTorch vs onnxruntime on one random normal pair: matched fractions and the largest same-index differences."""
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(1, 3, height, width, generator=generator) for _ in INPUT_NAMES]
-    with msda_backend('pytorch'), torch.no_grad():
+    with msda_backend(wrapper, 'pytorch'), torch.no_grad():
         expected = wrapper(*inputs)
     got = [torch.from_numpy(x) for x in session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, inputs)})]
     result = {'size': f'{height}x{width}',
@@ -196,20 +186,19 @@ def _interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
 def latency(wrapper: OnnxExportModel, session, height: int, width: int, repeats: int) -> dict[str, float]:
     """Median seconds per pair at ``height`` x ``width``: PyTorch (pytorch MSDeformAttn path; fused cpu kernel when
     it builds) and onnxruntime, measured in interleaved rounds."""
-    from models.ops import ms_deform_attn_func
+    from models.ops import resolve_backend
     inputs = [torch.randn(1, 3, height, width) for _ in INPUT_NAMES]
     feeds = {n: x.numpy() for n, x in zip(INPUT_NAMES, inputs)}
 
     def torch_run(backend):
         def run():
-            with msda_backend(backend), torch.no_grad():
+            with msda_backend(wrapper, backend), torch.no_grad():
                 wrapper(*inputs)
         return run
 
     runs = {'pytorch (pytorch MSDeformAttn)': torch_run('pytorch')}
-    with msda_backend('cpu'):
-        if ms_deform_attn_func.resolve_backend(torch.device('cpu')) == 'cpu':
-            runs['pytorch (fused cpu MSDeformAttn)'] = torch_run('cpu')
+    if resolve_backend('cpu', torch.device('cpu')) == 'cpu':
+        runs['pytorch (fused cpu MSDeformAttn)'] = torch_run('cpu')
     runs['onnxruntime'] = lambda: session.run(None, feeds)
     return _interleaved_medians(runs, repeats)
 

@@ -29,7 +29,7 @@ BACKBONES = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'swin_T_224_1k', '
              'swin_L_224_22k', 'swin_L_384_22k')
 FUSION_TYPES = ('caff', 'caff_dw', 'concat', 'add', 'rgb_only', 'ir_only')
 QUERY_MODALITIES = ('ir', 'rgb')
-MSDA_BACKENDS = ('auto', 'pytorch', 'cpu', 'cuda')
+MSDA_BACKENDS = ('auto', 'pytorch', 'cpu', 'cuda', 'triton')
 ACTIVATIONS = ('relu', 'gelu', 'glu')
 
 

@@ -67,7 +67,7 @@ two_stage_class_embed_share = False  # encoder-output class head shared with the
 dec_pred_bbox_embed_share = True  # one box head for every decoder layer
 dec_pred_class_embed_share = True  # one class head for every decoder layer
 embed_init_tgt = True  # learned content queries (mixed query selection) instead of encoder features
-msda_backend = 'auto'  # MSDeformAttn: 'auto', 'pytorch', 'cpu' or 'cuda'; env CAFF_MSDA_BACKEND overrides it
+msda_backend = 'auto'  # MSDeformAttn: 'auto', 'pytorch', 'cpu', 'cuda' or 'triton'; env CAFF_MSDA_BACKEND overrides it
 
 # Fusion
 # fusion_type: 'caff' (cross-attention fusion, the reference), 'caff_dw' (CAFF with depthwise-separable branch
