@@ -93,8 +93,8 @@ def test_pytorch_path_rejects_inconsistent_shapes(msda_inputs):
 def test_cpu_kernel_matches_pytorch(msda_inputs, cpu_extension, dtype, tol, d, p):
     value, spatial_shapes, level_start_index, locations, weights = msda_inputs(d=d, p=p, dtype=dtype)
     grad_out = torch.randn(value.shape[0], locations.shape[1], value.shape[2] * d, dtype=dtype)
-    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
-                     grad_out)
+    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations,
+                                weights, grad_out)
     fused = output_and_grads(lambda v, l, a: ms_deform_attn_func._FusedMSDeformAttn.apply(
         cpu_extension, v, spatial_shapes, level_start_index, l, a, 64), value, locations, weights, grad_out)
     for name, got, want in zip(('output', 'grad_value', 'grad_locations', 'grad_weights'), fused, expected):
@@ -111,8 +111,8 @@ def test_cpu_backward_with_more_threads_than_heads(msda_inputs, cpu_extension):
         fused = cpu_extension.backward(value, spatial_shapes, level_start_index, locations, weights, grad_out, 64)
     finally:
         torch.set_num_threads(threads)
-    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations, weights,
-                     grad_out)[1:]
+    expected = output_and_grads(lambda v, l, a: ms_deform_attn_pytorch(v, spatial_shapes, l, a), value, locations,
+                                weights, grad_out)[1:]
     for got, want in zip(fused, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 

@@ -2,8 +2,12 @@
 (TRITON_INTERPRET=1, set here before the kernels are imported) against the pytorch path: forward and the three
 gradients, fp64 / fp32 and fp16 / bf16 inputs, head sizes 16 and 32 (and 5, not a power of two), 1 to 5 levels,
 locations far outside [0, 1], query counts that are not a multiple of the block; the dispatch and the layer on
-the triton backend. The interpreter is slow: shapes are tiny, gradcheck is marked slow."""
+the triton backend; and (slow) the kernels compile for sm_80 / sm_90 without a GPU. The interpreter is slow: shapes
+are tiny, gradcheck is marked slow."""
+import json
 import os
+import subprocess
+import sys
 
 os.environ['TRITON_INTERPRET'] = '1'  # read by triton.jit when the kernels are decorated, i.e. at their import
 
@@ -47,7 +51,8 @@ def assert_matches_pytorch(value, shapes, starts, locations, weights, grad_out, 
 # (dtype, heads, head size, levels, points, queries, block_q): each level count 1..5, head sizes 16 and 32 (and 5,
 # not a power of two), query counts that leave a partial last block (7 of 4, 5 of 4, 9 of 8, 3 of the default).
 CASES = [(torch.float32, 1, 16, 1, 3, 7, 4), (torch.float64, 1, 32, 2, 2, 5, 4), (torch.float32, 1, 32, 3, 1, 9, 8),
-         (torch.float64, 2, 16, 4, 2, 7, 4), (torch.float32, 1, 16, 5, 2, 3, None), (torch.float64, 1, 5, 4, 2, 7, None)]
+         (torch.float64, 2, 16, 4, 2, 7, 4), (torch.float32, 1, 16, 5, 2, 3, None),
+         (torch.float64, 1, 5, 4, 2, 7, None)]
 
 
 @pytest.mark.parametrize('dtype, heads, head_dim, levels, points, queries, block_q', CASES)
@@ -123,3 +128,17 @@ def test_kernels_gradcheck():
     def fused(v, l, a):
         return ms_deform_attn_func._FusedMSDeformAttn.apply(ms_deform_attn_triton, v, shapes, starts, l, a, 64)
     assert torch.autograd.gradcheck(fused, inputs, eps=1e-7, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm80_and_sm90_without_a_gpu(repo_root):
+    """The compiler is stricter than the interpreter: both kernels go down to a cubin for A100 and H100 (no GPU
+    needed), in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    script = ('import json; from models.ops import ms_deform_attn_triton as t; '
+              'print(json.dumps([t.compile_for_gpu(80), t.compile_for_gpu(90)]))')
+    result = subprocess.run([sys.executable, '-c', script], cwd=repo_root, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for sizes in json.loads(result.stdout.strip().splitlines()[-1]):
+        assert set(sizes) == {'forward', 'backward'} and min(sizes.values()) > 0

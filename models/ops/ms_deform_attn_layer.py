@@ -4,9 +4,9 @@ Follows Deformable-DETR `models/ops/modules/ms_deform_attn.py` (identical in DIN
 (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`), shapes and initialisation, so public DINO
 weights load unchanged. Differences: each layer holds the backend it asks the op for (`backend`, passed by the
 builder from `msda_backend`; `use_backend` changes it for a block), resolved at call time (`ms_deform_attn_func.py`,
-nothing compiled at import), fp16/bf16 run the op in fp32 and cast back, the level shapes may be passed as a Python list, and a
-d_model not divisible by n_heads is an error (the reference's power-of-two head-size warning is dropped: the
-kernels here have no such preference).
+nothing compiled at import), fp16/bf16 run the op in fp32 and cast back, the level shapes may be passed as a
+Python list, and a d_model not divisible by n_heads is an error (the reference's power-of-two head-size warning is
+dropped: the kernels here have no such preference).
 """
 import contextlib
 import math

@@ -20,9 +20,10 @@ the head size rounded up to a power of two; queries past Lq and channels past D 
 runtime loops, so L and P do not recompile the kernels; offsets are int64. Inputs are fp32 or fp64 (the
 dispatcher computes fp16 / bf16 inputs in fp32); accumulation is in the inputs' dtype.
 
-The kernels are decorated with `triton.jit` on first use, not at import: Triton reads TRITON_INTERPRET at
-decoration, so one set of kernels is kept per setting. With TRITON_INTERPRET=1 they run on CPU tensors through
-Triton's interpreter (how the tests check them without a GPU); otherwise they need CUDA tensors.
+Triton reads TRITON_INTERPRET when `triton.jit` decorates the kernels, i.e. when this module is imported (the
+dispatcher imports it on the first use of the backend). With TRITON_INTERPRET=1 they run on CPU tensors through
+Triton's interpreter (how the tests check them without a GPU); otherwise they need CUDA tensors, and
+`compile_for_gpu` compiles them down to a cubin for a given GPU without needing one (a CPU-side check).
 """
 import torch
 import triton
@@ -139,6 +140,33 @@ def _backward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
     tl.store(grad_attn_ptr + index, grad_a, mask=row_ok)
     tl.store(grad_loc_ptr + 2 * index, grad_w_im * width.to(a.dtype), mask=row_ok)
     tl.store(grad_loc_ptr + 2 * index + 1, grad_h_im * height.to(a.dtype), mask=row_ok)
+
+
+def compile_for_gpu(capability: int, dtype: torch.dtype = torch.float32, head_dim: int = 32,
+                    levels_points: int = 16, block_q: int = 8) -> dict[str, int]:
+    """Compile both kernels for CUDA compute capability `capability` (e.g. 80, 90) without a GPU; returns the
+    cubin size in bytes of each. Needs the module imported without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if INTERPRETED:
+        raise RuntimeError('compile_for_gpu: the kernels were imported under TRITON_INTERPRET=1')
+    ty = {torch.float32: '*fp32', torch.float64: '*fp64'}[dtype]
+    sizes = {name: 'i32' for name in ('S', 'M', 'Lq', 'P', 'LP', 'D')}
+    blocks = {'BLOCK_Q': block_q, 'BLOCK_LP': triton.next_power_of_2(levels_points),
+              'BLOCK_D': triton.next_power_of_2(head_dim)}
+    integers = {'shapes_ptr': '*i64', 'starts_ptr': '*i64'}
+    signatures = {
+        'forward': (_forward_kernel, ['value_ptr', 'loc_ptr', 'attn_ptr', 'out_ptr']),
+        'backward': (_backward_kernel, ['value_ptr', 'loc_ptr', 'attn_ptr', 'grad_out_ptr', 'grad_value_ptr',
+                                        'grad_loc_ptr', 'grad_attn_ptr'])}
+    compiled = {}
+    for name, (kernel, floats) in signatures.items():
+        types = {**integers, **{arg: ty for arg in floats}, **sizes, **{block: 'constexpr' for block in blocks}}
+        signature = {arg: types[arg] for arg in kernel.arg_names}
+        binary = triton.compile(ASTSource(kernel, signature, constexprs=blocks),
+                                target=GPUTarget('cuda', capability, 32))
+        compiled[name] = len(binary.asm['cubin'])
+    return compiled
 
 
 def _launch(value: torch.Tensor, sampling_locations: torch.Tensor, block_q: int | None):
