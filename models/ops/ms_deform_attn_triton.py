@@ -41,17 +41,22 @@ def can_run(device: torch.device) -> bool:
 
 
 @triton.jit
-def _rows(n, m, q0, S, M, Lq, LP, D, BLOCK_Q: tl.constexpr, BLOCK_LP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row r of a program's (BLOCK_Q * BLOCK_LP, BLOCK_D) tile is query q0 + r // BLOCK_LP, sampling point
-    lp = r % BLOCK_LP of the L * P (level, point) pairs. Returns the query of each row, the index of its point in
-    the (N, Lq, M, L, P) weights, its (level, point) number, the row and tile masks and the channels."""
+def _rows(M, Lq, LP, D, BLOCK_Q: tl.constexpr, BLOCK_LP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (n, m) and first query q0 (from its ids); row r of its (BLOCK_Q * BLOCK_LP, BLOCK_D) tile is
+    query q0 + r // BLOCK_LP and sampling point lp = r % BLOCK_LP of the L * P (level, point) pairs. Returns n, m,
+    q0, the query of each row, the index of its point in the (N, Lq, M, L, P) weights, its (level, point) number,
+    the row and tile masks and the channels."""
+    nm = tl.program_id(0).to(tl.int64)
+    n = nm // M
+    m = nm % M
+    q0 = tl.program_id(1).to(tl.int64) * BLOCK_Q
     r = tl.arange(0, BLOCK_Q * BLOCK_LP)
     q = q0 + r // BLOCK_LP
     lp = r % BLOCK_LP
     d = tl.arange(0, BLOCK_D)
     row_ok = (q < Lq) & (lp < LP)
     index = ((n * Lq + q) * M + m) * LP + lp
-    return q, index, lp, row_ok, row_ok[:, None] & (d < D)[None, :], d
+    return n, m, q0, q, index, lp, row_ok, row_ok[:, None] & (d < D)[None, :], d
 
 
 @triton.jit
@@ -89,11 +94,7 @@ def _corner(height, width, start, x0, y0, lx, ly, row_ok, dx: tl.constexpr, dy: 
 @triton.jit
 def _forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr, S, M, Lq, P, LP, D,
                     BLOCK_Q: tl.constexpr, BLOCK_LP: tl.constexpr, BLOCK_D: tl.constexpr):
-    nm = tl.program_id(0).to(tl.int64)
-    n = nm // M
-    m = nm % M
-    q0 = tl.program_id(1).to(tl.int64) * BLOCK_Q
-    q, index, lp, row_ok, tile_ok, d = _rows(n, m, q0, S, M, Lq, LP, D, BLOCK_Q, BLOCK_LP, BLOCK_D)
+    n, m, q0, _, index, lp, row_ok, tile_ok, d = _rows(M, Lq, LP, D, BLOCK_Q, BLOCK_LP, BLOCK_D)
     height, width, start, a, x0, y0, lx, ly = _sampling_point(shapes_ptr, starts_ptr, loc_ptr, attn_ptr, index,
                                                               lp, row_ok, P)
     value_rows = value_ptr + n * S * M * D + m * D + d[None, :]
@@ -112,11 +113,7 @@ def _forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_pt
 def _backward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_out_ptr, grad_value_ptr,
                      grad_loc_ptr, grad_attn_ptr, S, M, Lq, P, LP, D, BLOCK_Q: tl.constexpr,
                      BLOCK_LP: tl.constexpr, BLOCK_D: tl.constexpr):
-    nm = tl.program_id(0).to(tl.int64)
-    n = nm // M
-    m = nm % M
-    q0 = tl.program_id(1).to(tl.int64) * BLOCK_Q
-    q, index, lp, row_ok, tile_ok, d = _rows(n, m, q0, S, M, Lq, LP, D, BLOCK_Q, BLOCK_LP, BLOCK_D)
+    n, m, q0, q, index, lp, row_ok, tile_ok, d = _rows(M, Lq, LP, D, BLOCK_Q, BLOCK_LP, BLOCK_D)
     height, width, start, a, x0, y0, lx, ly = _sampling_point(shapes_ptr, starts_ptr, loc_ptr, attn_ptr, index,
                                                               lp, row_ok, P)
     # Every row of a query reads that query's grad_out (the same D values L * P times).
