@@ -110,3 +110,16 @@ def test_unknown_query_modality_names_the_choices(tiny_cfg):
     tiny_cfg.query_modality = 'thermal'
     with pytest.raises(ValueError, match="query_modality='thermal'.*'ir'"):
         build_on_meta(tiny_cfg)
+
+
+def test_msda_backend_reaches_every_layer_and_the_environment_overrides_it(tiny_cfg, monkeypatch):
+    from models.ops import MSDeformAttn, ms_deform_attn_func
+    monkeypatch.delenv(ms_deform_attn_func.ENV_VAR, raising=False)
+    tiny_cfg.msda_backend = 'triton'
+    for env, expected in ((None, 'triton'), ('pytorch', 'pytorch')):
+        if env:
+            monkeypatch.setenv(ms_deform_attn_func.ENV_VAR, env)
+        model = build_on_meta(tiny_cfg)[0]
+        layers = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+        assert len(layers) == tiny_cfg.enc_layers + tiny_cfg.dec_layers
+        assert {layer.backend for layer in layers} == {expected}
