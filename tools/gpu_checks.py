@@ -266,7 +266,7 @@ def _amp_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def page(argv: list[str], device: torch.device, unavailable: dict, parity_rows, gradchecks, speed_rows,
+def page(argv: list[str], device: torch.device, tiny: bool, unavailable: dict, parity_rows, gradchecks, speed_rows,
          amp_rows) -> str:
     lines = [f"Written by `{command_line('tools/gpu_checks.py', argv)}` (`tools/gpu_checks.sh` runs it) on "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", '', f'Machine: {_machine(device)}.', '']
@@ -278,7 +278,8 @@ def page(argv: list[str], device: torch.device, unavailable: dict, parity_rows, 
               '## gradcheck (fp64)', '', '| backend | gradcheck |', '|---|---|',
               *[f'| {name} | {result} |' for name, result in gradchecks.items()], '',
               '## Speed', '',
-              "tools/bench_msda.py's cases (N=2, M=8, D=32, L=4, P=4, S=6800); every backend computes in fp32 "
+              f"tools/bench_msda.py's cases ({'--tiny: N=1, M=2, D=4' if tiny else 'N=2, M=8, D=32'}, L=4, P=4, "
+              'S=6800); every backend computes in fp32 '
               '(fp16/bf16 inputs are cast, the casts timed too); median over the repeats after one warm-up.', '',
               *_speed_table(speed_rows), '',
               '## AMP training, tiny config', '',
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         amp_rows = [amp_training(name, amp_dtype, device, data_root, args.amp_steps, args.tiny)
                     for name in kernels for amp_dtype in AMP_DTYPES]
     write_page(args.output, f'MSDeformAttn on {device.type}: parity, gradcheck, speed, AMP training',
-               page(argv, device, unavailable, parity_rows, gradchecks, speed_rows, amp_rows))
+               page(argv, device, args.tiny, unavailable, parity_rows, gradchecks, speed_rows, amp_rows))
     failed = ([f"parity {r['backend']} {r['dtype']} D={r['head_dim']}" for r in parity_rows if not r['ok']]
               + [f'gradcheck {name}' for name, result in gradchecks.items() if result != 'passed']
               + [f"amp {r['backend']} {r['amp_dtype']}" for r in amp_rows if not r['ok']])
