@@ -2,8 +2,10 @@
 
 Follows CAFF-DINO's ``engine.py`` (``train_one_epoch``, ``evaluate``; itself DINO's with two inputs). What differs:
 - Backbone freezing is not done here (the reference re-freezes each epoch); the model is built frozen.
-- AMP: only the model's forward runs under autocast (bfloat16 on CPU, float16 + GradScaler on CUDA); the loss is
-  computed in float32 on float32 copies of the outputs. The MSDeformAttn op keeps itself in float32.
+- AMP: only the model's forward runs under autocast, in the config's ``amp_dtype`` ('auto': float16 on CUDA,
+  bfloat16 elsewhere; ``amp_autocast_dtype``); float16 gets a GradScaler (``amp_grad_scaler``) on any device, CPU
+  included. The loss is computed in float32 on float32 copies of the outputs. The MSDeformAttn op keeps itself in
+  float32.
 - Non-finite numbers stop training with ``NonFiniteLossError`` (a user error: one line, exit 2), instead of
   ``sys.exit(1)``; the caller keeps the last good checkpoint (the current epoch is never saved). The model's
   outputs are checked before the criterion runs, so a NaN never reaches the matcher or the box losses (whose
@@ -114,9 +116,29 @@ def _float32(obj):
     return obj
 
 
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+AMP_DTYPES = ('auto', 'float16', 'bfloat16')  # the values of config key amp_dtype
+
+
+def amp_autocast_dtype(device: torch.device, amp_dtype: str = 'auto') -> torch.dtype:
+    """The autocast dtype of config key ``amp_dtype`` on ``device``: 'auto' is float16 on CUDA (the reference's
+    choice; tensor cores on every CUDA GPU) and bfloat16 elsewhere (CPU autocast's fast type, no loss scaling)."""
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f'amp_dtype must be one of {AMP_DTYPES}, got {amp_dtype!r}')
+    if amp_dtype == 'auto':
+        return torch.float16 if device.type == 'cuda' else torch.bfloat16
+    return getattr(torch, amp_dtype)
+
+
+def amp_grad_scaler(device: torch.device, amp: bool, amp_dtype: str = 'auto') -> torch.amp.GradScaler | None:
+    """A GradScaler for float16 AMP on ``device`` (float16's 5-bit exponent flushes small gradients to 0; scaling
+    the loss keeps them, and a step with an inf gradient is skipped); None without AMP or with bfloat16."""
+    if amp and amp_autocast_dtype(device, amp_dtype) == torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
+def _autocast(device: torch.device, enabled: bool, amp_dtype: str):
+    return torch.autocast(device_type=device.type, dtype=amp_autocast_dtype(device, amp_dtype), enabled=enabled)
 
 
 def _targets_to(targets, device: torch.device) -> list[dict]:
@@ -131,12 +153,14 @@ def weighted_loss(loss_dict: dict, weight_dict: dict) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     clip_max_norm: float = 0.0, amp: bool = False, scaler: torch.amp.GradScaler | None = None,
-                    ema=None, print_freq: int = 10, tb_logger=None) -> dict[str, float]:
+                    ema=None, print_freq: int = 10, tb_logger=None, amp_dtype: str = 'auto') -> dict[str, float]:
     """Train for one pass over ``data_loader`` of ``(NestedTensor rgb, NestedTensor ir, targets)`` batches.
 
     Per step: ``loss = sum_k w_k * L_k`` (``criterion.weight_dict``), backward, gradient clipping to
-    ``clip_max_norm`` (0 disables), optimiser step, EMA update. Returns the epoch averages of ``loss``, every
-    weighted term (``loss_ce``, ``loss_bbox_0``, ...), every unweighted term (``*_unscaled``) and ``lr``.
+    ``clip_max_norm`` (0 disables), optimiser step, EMA update. With ``amp`` the forward runs under autocast in
+    ``amp_dtype``; ``scaler`` (``amp_grad_scaler``, for float16) then scales the loss and unscales the gradients
+    before clipping. Returns the epoch averages of ``loss``, every weighted term (``loss_ce``, ``loss_bbox_0``,
+    ...), every unweighted term (``*_unscaled``) and ``lr``.
     ``tb_logger`` (``util.tensorboard_logger.TensorBoardLogger`` or None) gets the loss, main terms and lr per step.
     """
     model.train()
@@ -150,7 +174,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             metric_logger.log_every(_StepTogether(data_loader), print_freq, f'Epoch: [{epoch}]', logger)):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
         targets = _targets_to(targets, device)
-        with _autocast(device, amp):
+        with _autocast(device, amp, amp_dtype):
             outputs = model(samples_rgb, samples_ir, targets)
         outputs = _float32(outputs)
         check_outputs(outputs, epoch, step, optimizer.param_groups[0]['lr'])
@@ -207,7 +231,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_loader: Iterable, base_ds,
              device: torch.device, output_dir: str | None = None, amp: bool = False,
              print_freq: int = 10, image_id_map: dict | None = None,
-             missing_modality: str = 'none') -> tuple[dict, CocoEvaluator]:
+             missing_modality: str = 'none', amp_dtype: str = 'auto') -> tuple[dict, CocoEvaluator]:
     """Run the model over ``data_loader`` and score it with COCO bbox metrics against ``base_ds`` (a ``COCO``).
 
     Returns ``(stats, evaluator)``; ``stats`` holds the averaged loss and main weighted terms, ``coco_eval_bbox``
@@ -233,7 +257,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: dict, data_
                                                                     logger):
         samples_rgb, samples_ir = samples_rgb.to(device), samples_ir.to(device)
         targets = _targets_to(targets, device)
-        with _autocast(device, amp):
+        with _autocast(device, amp, amp_dtype):
             outputs = model(samples_rgb, samples_ir)
         outputs = _float32(outputs)
         loss_dict = dist.reduce_dict(criterion(outputs, targets))

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from datasets.coco_eval import STAT_NAMES
-from engine import evaluate, log_line, train_one_epoch
+from engine import amp_grad_scaler, evaluate, log_line, train_one_epoch
 from models import build_model
 from models.pretrained import load_pretrained_caff, load_pretrained_coco
 from util import dist
@@ -302,7 +302,7 @@ def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: 
     loader_train, loader_val, sampler_train, dataset_val = loaders
     output_dir = cfg.output_dir
     last_ckpt = os.path.join(output_dir, LAST_CHECKPOINT)
-    scaler = torch.amp.GradScaler('cuda') if cfg.amp and device.type == 'cuda' else None
+    scaler = amp_grad_scaler(device, cfg.amp, cfg.amp_dtype)
     best, ema = state.best, training.ema
     eval_args = (training.criterion, training.postprocessors, loader_val, dataset_val.coco, device)
     stats: dict = {}
@@ -316,13 +316,14 @@ def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: 
         try:
             train_stats = train_one_epoch(model, training.criterion, loader_train, training.optimizer, device, epoch,
                                           cfg.clip_max_norm, cfg.amp, scaler,
-                                          ema if epoch >= cfg.ema_epoch else None, cfg.print_freq, tb_logger)
+                                          ema if epoch >= cfg.ema_epoch else None, cfg.print_freq, tb_logger,
+                                          cfg.amp_dtype)
         except UserError as e:  # a non-finite loss, a pair that fails to load: say what was kept
             kept = f'{last_ckpt} (epoch {epoch - 1})' if os.path.exists(last_ckpt) else 'none (no epoch completed)'
             raise type(e)(f'{user_message(e)}. Last good checkpoint: {kept}') from None
         training.lr_scheduler.step()
         stats, _ = evaluate(model, *eval_args, output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map,
-                            cfg.eval_missing_modality)
+                            cfg.eval_missing_modality, cfg.amp_dtype)
         selected = stats['selection']  # COCO AP, or the data set's own metric (KAIST: 1 - MR^-2 all)
         improved = selected['value'] > best.metric
         if improved:
@@ -330,7 +331,7 @@ def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: 
         ema_stats, ema_improved = {}, False
         if ema is not None:
             ema_stats, _ = evaluate(ema.module, *eval_args, None, cfg.amp, cfg.print_freq,
-                                    missing_modality=cfg.eval_missing_modality)
+                                    missing_modality=cfg.eval_missing_modality, amp_dtype=cfg.amp_dtype)
             ema_improved = ema_stats['selection']['value'] > best.ema_metric
             if ema_improved:
                 best.ema_metric, best.ema_epoch = ema_stats['selection']['value'], epoch
@@ -388,7 +389,7 @@ def evaluate_only(args: argparse.Namespace, cfg, training: Training, model: torc
     _, loader_val, _, dataset_val = loaders
     stats, _ = evaluate(model, training.criterion, training.postprocessors, loader_val, dataset_val.coco, device,
                         cfg.output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map,
-                        cfg.eval_missing_modality)
+                        cfg.eval_missing_modality, cfg.amp_dtype)
     record = {'mode': 'eval', 'checkpoint': args.resume or args.pretrain_model_path,
               **{f'test_{k}': v for k, v in stats.items()}}
     dist.run_on_main(lambda: log_line(os.path.join(cfg.output_dir, 'log.txt'), record))

@@ -12,7 +12,10 @@ DINO's. What differs:
 - target labels outside [0, num_classes) raise a ValueError (DINO's one-hot scatter fails with an index error,
   or silently treats label num_classes as background);
 - only the 'labels', 'boxes' and 'cardinality' losses exist (no masks); 'enc_outputs' (not produced by the
-  two-stage 'standard' model) is not read.
+  two-stage 'standard' model) is not read;
+- in eval mode num_boxes is the batch's own box count (DINO all-reduces it there too), so the evaluation loss
+  (``test_loss``) of an image does not depend on how many ranks share the validation set, nor on what the other
+  ranks hold; training keeps DINO's average over ranks, which gives every rank's gradient the same normaliser.
 
 Loss keys for one set of predictions (suffix '' for the last decoder layer, '_{i}' for aux layer i,
 '_interm' for the encoder proposals, '_dn' / '_dn_{i}' for the DN queries of the last / aux layer i):
@@ -108,8 +111,8 @@ class SetCriterion(nn.Module):
     """DINO's loss: match, then supervise each matched (query, target) pair; unmatched queries learn background.
 
     The returned losses are unweighted; the training loss is sum(losses[k] * weight_dict[k] for k in weight_dict).
-    Every loss is normalised by num_boxes = max(1, mean over ranks of the number of target boxes); the DN losses
-    by num_boxes * num_dn_group.
+    Every loss is normalised by num_boxes = max(1, mean over ranks of the number of target boxes) in training,
+    max(1, the batch's number of target boxes) in eval mode; the DN losses by num_boxes * num_dn_group.
     """
 
     def __init__(self, num_classes: int, matcher: nn.Module, weight_dict: dict[str, float],
@@ -178,12 +181,14 @@ class SetCriterion(nn.Module):
         return {k + suffix: torch.zeros((), device=device) for name in self.losses for k in LOSS_KEYS[name]}
 
     @staticmethod
-    def average_num_boxes(targets: list[dict], device: torch.device) -> float:
-        """max(1, sum over ranks of the target count / world size); a plain process uses its own count."""
+    def average_num_boxes(targets: list[dict], device: torch.device, across_ranks: bool = True) -> float:
+        """max(1, sum over ranks of the target count / world size) with ``across_ranks`` (a collective in a
+        process group), else max(1, the target count of this batch); a plain process uses its own count."""
         num_boxes = torch.as_tensor([float(sum(len(t['labels']) for t in targets))], device=device)
-        if is_dist_avail_and_initialized():
+        if across_ranks and is_dist_avail_and_initialized():
             torch_dist.all_reduce(num_boxes)
-        return torch.clamp(num_boxes / get_world_size(), min=1).item()
+            num_boxes = num_boxes / get_world_size()
+        return torch.clamp(num_boxes, min=1).item()
 
     @staticmethod
     def dn_indices(targets: list[dict], num_groups: int, single_pad: int) -> Indices:
@@ -249,7 +254,7 @@ class SetCriterion(nn.Module):
         """
         device = outputs['pred_logits'].device
         self._check_labels(targets)
-        num_boxes = self.average_num_boxes(targets, device)
+        num_boxes = self.average_num_boxes(targets, device, across_ranks=self.training)
         dn = self._dn_setup(outputs.get('dn_meta'), targets, num_boxes)
 
         losses = self._dn_losses(dn, None, targets, device)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DINO_4SCALE = ROOT / 'config' / 'DINO' / 'DINO_4scale.py'
 BASE_LINE = f"_base_ = ['{DINO_4SCALE}']\n"
 ARCHITECTURE_KEYS = """
-dataset_file coco_path output_dir device seed num_workers amp batch_size epochs lr_drop lr lr_backbone weight_decay
+dataset_file coco_path output_dir device seed num_workers amp amp_dtype batch_size epochs lr_drop lr lr_backbone weight_decay
 clip_max_norm save_checkpoint_interval use_ema ema_decay ema_epoch skip_bad_pairs print_freq data_aug_scales
 data_aug_max_size data_aug_scales2_resize data_aug_scales2_crop strong_aug eval_size eval_max_size num_classes
 backbone backbone_ir use_checkpoint dilation return_interm_indices freeze_backbones pe_temperatureH pe_temperatureW

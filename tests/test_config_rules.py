@@ -14,6 +14,7 @@ from util import config_rules
 from util.config import ConfigError, known_keys, load_config
 from datasets.images import BIT_DEPTH_RULES
 from datasets.transforms import MISSING_MODALITY_CHOICES
+from engine import AMP_DTYPES
 from util.config_rules import CROSS_RULES, VALUE_RULES, at_least, between, int_list, one_of
 
 # every full config (coco_transformer.py is a base holding the augmentation keys only)
@@ -29,6 +30,7 @@ def test_choice_lists_are_the_names_the_code_accepts():
     assert config_rules.MSDA_BACKENDS == tuple(BACKENDS)
     assert config_rules.BIT_DEPTH_RULES == tuple(BIT_DEPTH_RULES)
     assert config_rules.MISSING_MODALITY_CHOICES == tuple(MISSING_MODALITY_CHOICES)
+    assert config_rules.AMP_DTYPES == tuple(AMP_DTYPES)
     for name in config_rules.ACTIVATIONS:
         get_activation_fn(name)
     with pytest.raises(ValueError):

@@ -160,9 +160,28 @@ def test_num_boxes_is_averaged_over_ranks_and_clamped(monkeypatch):
     monkeypatch.setattr(criterion_module.torch_dist, 'all_reduce', fake_all_reduce)
     outputs, targets = _offset_case(0.01)
     assert SetCriterion.average_num_boxes(targets, torch.device('cpu')) == 5.0  # (4 + 6) / 2
+    assert SetCriterion.average_num_boxes(targets, torch.device('cpu'), across_ranks=False) == 4.0
     losses = _criterion(dec_layers=1, use_dn=False)(outputs, targets)
     assert calls[-1] == 4.0
     assert float(losses['loss_bbox']) == pytest.approx(0.16 / 5, rel=1e-4)
+
+
+def test_eval_losses_do_not_depend_on_the_world_size(monkeypatch):
+    """In eval mode (the test_loss of evaluate) the normaliser is the batch's own box count: the same losses in a
+    plain process and as one of 2 ranks whose peer holds 6 boxes, with no collective called."""
+    outputs, targets = _offset_case(0.01)
+    criterion = _criterion(dec_layers=1, use_dn=False).eval()
+    alone = criterion(outputs, targets)
+    calls = []
+    monkeypatch.setattr(criterion_module, 'is_dist_avail_and_initialized', lambda: True)
+    monkeypatch.setattr(criterion_module, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(criterion_module.torch_dist, 'all_reduce', lambda tensor: calls.append(1) or tensor.add_(6))
+    in_a_group = criterion(outputs, targets)
+    assert not calls
+    assert float(in_a_group['loss_bbox']) == pytest.approx(0.04, rel=1e-4)
+    assert all(torch.equal(in_a_group[k], alone[k]) for k in alone)
+    criterion.train()
+    assert float(criterion(outputs, targets)['loss_bbox']) == pytest.approx(0.16 / 5, rel=1e-4) and calls
 
 
 def test_dn_indices_follow_group_layout():

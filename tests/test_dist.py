@@ -1,15 +1,32 @@
 """util/dist.py in one process (identity collectives, launch rank) and in two gloo processes (gather, reduce,
-failing together)."""
+failing together), and DDP training with a rank whose batches hold no box (negatives only, as LLVIP/FLIR frames
+without objects): no hang, no crash, the same weights on both ranks, and an evaluation loss equal to one
+process's."""
+import functools
 import os
 import socket
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 
+from datasets import build_dataset
+from datasets.synthetic import generate_synthetic_dataset
+from engine import evaluate, train_one_epoch
+from models import build_model
 from util import dist as dist_utils
+from util.config import load_config
 from util.errors import DataError
+from util.misc import collate_fn
+from util.optim import param_groups
+from util.rng import seed_everything
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_single_process_defaults(monkeypatch):
@@ -61,9 +78,19 @@ def _in_group(rank: int, world_size: int, port: int, out_dir: str, body) -> None
             dist.destroy_process_group()
 
 
-def _run_two(body, tmp_path) -> list:
+def _run_two(body, tmp_path, timeout: float = 60.0) -> list:
+    """``body(rank)`` of each of 2 gloo processes; a process still running after ``timeout`` s (a hang in a
+    collective: gloo itself would wait 30 minutes) is killed and the test fails."""
     # fork: the children reuse the imported torch, which keeps these tests well under a second
-    mp.start_processes(_in_group, args=(2, _free_port(), str(tmp_path), body), nprocs=2, start_method='fork')
+    context = mp.start_processes(_in_group, args=(2, _free_port(), str(tmp_path), body), nprocs=2,
+                                 start_method='fork', join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f'the 2 processes were still running after {timeout:g} s: a rank hangs in a collective')
     return [torch.load(tmp_path / f'rank{rank}.pth') for rank in range(2)]
 
 
@@ -103,3 +130,67 @@ def test_raise_together_stops_every_rank_with_the_failing_ranks_message(tmp_path
     rank0, rank1 = _run_two(_fail_together, tmp_path)
     assert rank0 == ['passed', ('peer', 'rank 1: /data/x.png: unreadable'), ('DataError', 'disk full')]
     assert rank1 == ['passed', ('own', '/data/x.png: unreadable'), ('PeerError', 'rank 0: disk full')]
+
+
+@pytest.fixture(scope='module')
+def tiny_cfg_with_data(tmp_path_factory, tiny_run_options):
+    """The tiny config on a synthetic data set: 4 training images (2 steps of 2), 2 validation images with 2 and
+    1 boxes (so a loss normalised over both ranks differs from one normalised per image)."""
+    root = str(tmp_path_factory.mktemp('synthetic'))
+    generate_synthetic_dataset(root, num_train=4, num_val=2, width=128, height=96)
+    return load_config(REPO / 'config/DINO/CAFF_tiny.py', [*tiny_run_options, f'coco_path={root!r}'])
+
+
+def _without_boxes(target: dict) -> dict:
+    """The target of the same image with every object removed (a negative-only frame)."""
+    per_object = ('boxes', 'labels', 'area', 'iscrowd')
+    return {k: v[:0] if k in per_object else v for k, v in target.items()}
+
+
+def _build(cfg):
+    seed_everything(0)
+    return build_model(cfg)
+
+
+def _train_and_evaluate_with_an_empty_rank(cfg, rank: int) -> dict:
+    """Two DDP training steps, rank 1 seeing only images without boxes; then a DDP evaluation pass, one
+    validation image per rank."""
+    torch.set_num_threads(1)  # two processes share the machine's cores
+    model, criterion, postprocessors = _build(cfg)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    batches = list(DataLoader(build_dataset('train', cfg), batch_size=2, shuffle=False, collate_fn=collate_fn))
+    if rank == 1:
+        batches = [(rgb, ir, [_without_boxes(t) for t in targets]) for rgb, ir, targets in batches]
+    train_stats = train_one_epoch(ddp, criterion, batches, optimizer, torch.device('cpu'), epoch=0,
+                                  clip_max_norm=cfg.clip_max_norm, print_freq=100)
+    val_set = build_dataset('val', cfg)
+    val_loader = DataLoader(val_set, batch_size=1, sampler=DistributedSampler(val_set, shuffle=False),
+                            collate_fn=collate_fn)
+    eval_stats, _ = evaluate(ddp, criterion, postprocessors, val_loader, val_set.coco, torch.device('cpu'),
+                             print_freq=100)
+    state = model.state_dict()
+    return {'boxes_seen': sum(len(t['labels']) for _, _, targets in batches for t in targets),
+            'train_loss': train_stats['loss'], 'test_loss': eval_stats['loss'], 'state': state,
+            'changed': [k for k, v in state.items() if not torch.equal(v, start[k])]}
+
+
+@pytest.mark.slow
+def test_a_rank_without_boxes_neither_hangs_nor_crashes(tiny_cfg_with_data, tmp_path):
+    cfg = tiny_cfg_with_data
+    body = functools.partial(_train_and_evaluate_with_an_empty_rank, cfg)
+    rank0, rank1 = _run_two(body, tmp_path, timeout=600)  # generous: the machine may be shared
+    assert rank0['boxes_seen'] > 0 and rank1['boxes_seen'] == 0
+    assert rank0['train_loss'] == rank1['train_loss'] and torch.isfinite(torch.tensor(rank0['train_loss']))
+    assert any(k.startswith('transformer') for k in rank0['changed']), 'no optimizer step was taken'
+    assert all(torch.equal(v, rank1['state'][k]) for k, v in rank0['state'].items()), 'the ranks diverged'
+
+    # evaluate's loss (test_loss) of the trained weights, in one process over both validation images
+    model, criterion, postprocessors = _build(cfg)
+    model.load_state_dict(rank0['state'])
+    val_set = build_dataset('val', cfg)
+    alone, _ = evaluate(model, criterion, postprocessors, DataLoader(val_set, batch_size=1, collate_fn=collate_fn),
+                        val_set.coco, torch.device('cpu'), print_freq=100)
+    assert rank0['test_loss'] == rank1['test_loss'] == pytest.approx(alone['loss'], rel=1e-5)

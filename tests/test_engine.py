@@ -1,6 +1,6 @@
 """engine.py with the real tiny CAFF-DINO: a training epoch updates the model, evaluation gives COCO numbers and a
 results file, non-finite outputs or loss stop before the criterion / the step, a bad batch is a one-line user error,
-AMP (bf16 on CPU) trains, EMA averages."""
+AMP trains on CPU in bf16 and in fp16 with a GradScaler while MSDeformAttn computes in fp32, EMA averages."""
 import io
 import json
 import math
@@ -12,8 +12,10 @@ from torch.utils.data import DataLoader
 
 from datasets import build_dataset
 from datasets.synthetic import generate_synthetic_dataset
-from engine import NonFiniteLossError, evaluate, non_finite_outputs, train_one_epoch, weighted_loss
+from engine import (NonFiniteLossError, amp_autocast_dtype, amp_grad_scaler, evaluate, non_finite_outputs,
+                    train_one_epoch, weighted_loss)
 from models import build_model
+from models.ops import ms_deform_attn_layer
 from util.config import load_config
 from util.errors import DataError, report_user_error
 from util.misc import collate_fn
@@ -91,12 +93,55 @@ def test_evaluate_gives_coco_stats_and_writes_detections(setup, tmp_path):
     assert again['coco_eval_bbox'] == stats['coco_eval_bbox']
 
 
-def test_amp_bf16_on_cpu_trains_with_finite_loss(setup):
+def _record_msda_calls(monkeypatch) -> list[dict]:
+    """Wrap the op the MSDeformAttn layers call: per call, the input dtypes, whether autocast was on, and whether
+    the output equals the op run in float32 outside autocast on the same inputs, rounded to the output dtype."""
+    calls = []
+    real_op = ms_deform_attn_layer.ms_deform_attn
+
+    def recording_op(value, shapes, starts, locations, weights, *args, **kwargs):
+        out = real_op(value, shapes, starts, locations, weights, *args, **kwargs)
+        with torch.no_grad(), torch.autocast('cpu', enabled=False):
+            in_fp32 = real_op(value.float(), shapes, starts, locations.float(), weights.float(), *args, **kwargs)
+        calls.append({'autocast': torch.is_autocast_enabled('cpu'), 'value': value.dtype, 'out': out.dtype,
+                      'computed_in_fp32': torch.equal(out, in_fp32.to(out.dtype))})
+        return out
+
+    monkeypatch.setattr(ms_deform_attn_layer, 'ms_deform_attn', recording_op)
+    return calls
+
+
+@pytest.mark.parametrize('amp_dtype, dtype', [('bfloat16', torch.bfloat16), ('float16', torch.float16)])
+def test_amp_on_cpu_trains_with_finite_loss_and_msda_in_fp32(setup, monkeypatch, amp_dtype, dtype):
+    """A full training epoch (2 steps) under CPU autocast; float16 with a GradScaler, as on CUDA."""
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
-    stats = train_one_epoch(model, criterion, train_loader, optimizer, torch.device('cpu'), epoch=0,
-                            clip_max_norm=0.1, amp=True, print_freq=100)
-    assert math.isfinite(stats['loss'])
+    device = torch.device('cpu')
+    scaler = amp_grad_scaler(device, True, amp_dtype)
+    assert (scaler is not None) == (dtype == torch.float16)
+    if scaler is not None:  # the default scale 2**16 overflows fp16 gradients of this loss (~40): the scaler would
+        scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)  # skip both steps while it backs off
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = _record_msda_calls(monkeypatch)
+    stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch=0, clip_max_norm=0.1, amp=True,
+                            scaler=scaler, print_freq=100, amp_dtype=amp_dtype)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert calls and all(c['autocast'] and c['value'] == dtype and c['out'] == dtype for c in calls)
+    assert all(c['computed_in_fp32'] for c in calls)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith('transformer') for k in changed), 'no optimizer step was taken'
+    if scaler is not None:
+        assert scaler.get_scale() == 2.0 ** 8, 'a step found an inf gradient and was skipped'
+
+
+def test_amp_dtype_auto_is_float16_with_a_scaler_on_cuda_and_bfloat16_on_cpu():
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert amp_autocast_dtype(cpu) == torch.bfloat16 and amp_autocast_dtype(cuda) == torch.float16
+    assert amp_autocast_dtype(cuda, 'bfloat16') == torch.bfloat16
+    assert amp_grad_scaler(cpu, True) is None and amp_grad_scaler(cpu, False, 'float16') is None
+    assert amp_grad_scaler(cuda, True, 'bfloat16') is None
+    with pytest.raises(ValueError, match="amp_dtype must be one of.*'half'"):
+        amp_autocast_dtype(cpu, 'half')
 
 
 def test_train_one_epoch_updates_the_ema(setup):

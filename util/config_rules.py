@@ -31,6 +31,7 @@ FUSION_TYPES = ('caff', 'caff_dw', 'concat', 'add', 'rgb_only', 'ir_only')
 QUERY_MODALITIES = ('ir', 'rgb')
 MSDA_BACKENDS = ('auto', 'pytorch', 'cpu', 'cuda', 'triton')
 ACTIVATIONS = ('relu', 'gelu', 'glu')
+AMP_DTYPES = ('auto', 'float16', 'bfloat16')
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ VALUE_RULES: dict[str, Rule] = {
     'output_dir': non_empty_text(),
     'seed': between(0, 2 ** 32 - 1 - 1024, what='NumPy seeds are 32-bit; the rank is added'),
     'print_freq': at_least(1),
+    'amp_dtype': one_of(*AMP_DTYPES),
     'save_checkpoint_interval': at_least(0),
     # optimisation
     'batch_size': at_least(1),
