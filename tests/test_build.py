@@ -1,6 +1,7 @@
 """Tests of the extension build cache (models/ops/build.py): a build is keyed by content, not by path, so a second
 copy of the sources imports the first copy's library without compiling; any edit, flag or target change gets a new
-key; a build is published by one rename, so a concurrent build or a failed one leaves the cache consistent."""
+key; a build is published by one rename, so a concurrent build or a failed one leaves the cache consistent; a
+second build under an already imported module name is refused instead of silently returning the first."""
 import shutil
 import types
 from pathlib import Path
@@ -39,6 +40,12 @@ def test_second_copy_of_the_sources_reuses_the_built_kernel(monkeypatch, tmp_pat
     assert second.__file__ == first.__file__
     assert str(tmp_path) not in second.__file__
     assert 'CPU' in second.forward.__doc__
+    # Another build under the same module name cannot be imported next to it: Python would return the first one.
+    other = tmp_path / 'other_build' / Path(first.__file__).name
+    other.parent.mkdir()
+    shutil.copy(first.__file__, other)
+    with pytest.raises(RuntimeError, match='already loaded in this process'):
+        build._import_library(other)
 
 
 def test_key_follows_contents_flags_and_target_not_paths(monkeypatch, tmp_path):

@@ -38,7 +38,7 @@ import torch
 CSRC = Path(__file__).resolve().parent / 'csrc'
 CPU_SOURCES = [CSRC / 'ms_deform_attn_cpu.cpp']
 CUDA_SOURCES = [CSRC / 'ms_deform_attn_cuda.cu']
-HEADERS = [CSRC / 'ms_deform_attn_checks.h']
+HEADERS = [CSRC / 'ms_deform_attn_bilinear.h', CSRC / 'ms_deform_attn_checks.h']
 CPU_EXTENSION = 'caff_msda_cpu'
 CUDA_EXTENSION = 'caff_msda_cuda'
 LIBRARY_SUFFIXES = ('.so', '.pyd')  # what torch names the built library on Linux / macOS and on Windows
@@ -192,7 +192,20 @@ def _import_library(library: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(library.stem, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    _check_fresh(module, library.parent)
     return module
+
+
+def _check_fresh(module: ModuleType, folder: Path) -> None:
+    """Raise if `module` was not imported from `folder`.
+
+    Python keeps one extension module per name and process: importing another file under a name it has already
+    imported returns the first module. A process that imported one build of a kernel and then asks for another
+    (its sources were edited meanwhile) would silently run the old code.
+    """
+    if Path(module.__file__).parent != folder:
+        raise RuntimeError(f"{module.__name__} is already loaded in this process from {module.__file__}; a "
+                           f"different build of it (in {folder}) can only be loaded by a new process")
 
 
 def load_cached(name: str, sources: Sequence[Path], flags: Sequence[str], target: str, verbose: bool = False,
@@ -228,6 +241,7 @@ def load_cached(name: str, sources: Sequence[Path], flags: Sequence[str], target
             shutil.rmtree(staging, ignore_errors=True)
         if library is None:  # torch's load returned without writing a library (never for a real build)
             return module
+        _check_fresh(module, staging)
         module.__file__ = str(library)  # torch imported it from the staging folder, renamed since
         logger.info('MSDeformAttn: %s built into the build cache %s', name, folder)
     _loaded[folder] = module

@@ -7,9 +7,8 @@
 //   sampling_locations  (N, Lq, M, L, P, 2)     (x, y) in [0, 1] over each level
 //   attention_weights   (N, Lq, M, L, P)
 //   output              (N, Lq, M * D)
-// Bilinear sampling is grid_sample(align_corners=False, padding_mode='zeros'): h = y * H - 0.5, w = x * W - 0.5,
-// each of the 4 neighbours outside the map contributes 0. (The reference kernel also skips points with h <= -1 or
-// w <= -1 entirely; that differs from grid_sample only on that measure-zero boundary, where we follow grid_sample.)
+// Bilinear sampling is grid_sample(align_corners=False, padding_mode='zeros'), as written down once for both kernels
+// in ms_deform_attn_bilinear.h.
 //
 // Layout: D is the fastest axis of value, so each sample reads / writes whole contiguous D-vectors.
 // Forward: parallel over (n, q); each (n, q, m) accumulates its D-vector from L * P * 4 neighbours.
@@ -26,50 +25,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "ms_deform_attn_bilinear.h"
 #include "ms_deform_attn_checks.h"
 
 namespace {
 
-// The four bilinear neighbours of one sampling point, in the order (h0, w0), (h0, w1), (h1, w0), (h1, w1).
-template <typename scalar_t>
-struct Neighbours {
-  int64_t row[4];      // index into S of each neighbour, or -1 when it lies outside the map
-  scalar_t weight[4];  // its bilinear weight
-  scalar_t lh, lw;     // fractional position inside the cell
-  bool any;            // whether at least one neighbour is inside the map
-};
-
-template <typename scalar_t>
-inline Neighbours<scalar_t> neighbours(scalar_t x, scalar_t y, int64_t height, int64_t width, int64_t start) {
-  Neighbours<scalar_t> nb;
-  nb.any = false;
-  const scalar_t h = y * static_cast<scalar_t>(height) - scalar_t(0.5);
-  const scalar_t w = x * static_cast<scalar_t>(width) - scalar_t(0.5);
-  // Beyond one pixel outside the map every neighbour is outside; this also rejects NaN and keeps the int cast safe.
-  if (!(h > scalar_t(-2) && w > scalar_t(-2) && h < static_cast<scalar_t>(height + 1) &&
-        w < static_cast<scalar_t>(width + 1))) {
-    return nb;
-  }
-  const scalar_t h_floor = std::floor(h);
-  const scalar_t w_floor = std::floor(w);
-  const int64_t h0 = static_cast<int64_t>(h_floor);
-  const int64_t w0 = static_cast<int64_t>(w_floor);
-  nb.lh = h - h_floor;
-  nb.lw = w - w_floor;
-  const scalar_t hh = scalar_t(1) - nb.lh;
-  const scalar_t hw = scalar_t(1) - nb.lw;
-  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
-  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
-  const scalar_t weights[4] = {hh * hw, hh * nb.lw, nb.lh * hw, nb.lh * nb.lw};
-  for (int c = 0; c < 4; ++c) {
-    const bool inside = hs[c] >= 0 && hs[c] < height && ws[c] >= 0 && ws[c] < width;
-    nb.row[c] = inside ? start + hs[c] * width + ws[c] : -1;
-    nb.weight[c] = weights[c];
-    nb.any = nb.any || inside;
-  }
-  return nb;
-}
-
+using msda::neighbours;
 using msda::Sizes;
 
 // The shared checks (ms_deform_attn_checks.h), the device, and that every level fits in value (read on the host).
@@ -173,13 +134,10 @@ void backward_kernel(const Sizes& sz, int64_t chunks, const scalar_t* value, con
               }
               dot[c] = s;
             }
-            const scalar_t hh = scalar_t(1) - nb.lh, hw = scalar_t(1) - nb.lw;
-            *g_attn = nb.weight[0] * dot[0] + nb.weight[1] * dot[1] + nb.weight[2] * dot[2] + nb.weight[3] * dot[3];
-            // d(sample)/d(lw) and d(sample)/d(lh), then the chain rule through w = x * W - 0.5, h = y * H - 0.5.
-            const scalar_t d_lw = hh * (dot[1] - dot[0]) + nb.lh * (dot[3] - dot[2]);
-            const scalar_t d_lh = hw * (dot[2] - dot[0]) + nb.lw * (dot[3] - dot[1]);
-            g_loc[0] = *attn * static_cast<scalar_t>(width) * d_lw;
-            g_loc[1] = *attn * static_cast<scalar_t>(height) * d_lh;
+            const auto g = msda::point_gradients<scalar_t>(nb, dot, *attn, height, width);
+            *g_attn = g.attn;
+            g_loc[0] = g.x;
+            g_loc[1] = g.y;
           }
         }
       }
