@@ -28,6 +28,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn_bilinear.h"
@@ -176,6 +178,46 @@ void forward_kernel(const Sizes& sz, const scalar_t* value, const int64_t* shape
   });
 }
 
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define MSDA_TREE_DOTS 1
+// 16 fp32 lanes (one AVX-512 register; compilers split it where the CPU has narrower ones).
+typedef float Lanes16 __attribute__((vector_size(64)));
+
+// dots[j] = the sum of the 16 lanes of part[j], for j < 16, as a tree of lane shuffles and adds: 15 vector adds for
+// 16 sums, where one horizontal sum per vector costs about 8 instructions. Each level halves the lanes per sum and
+// keeps the sums in order.
+inline void sum_lanes16(const Lanes16* part, float* dots) {
+  Lanes16 a[8], b[4], c[2];
+  for (int j = 0; j < 8; ++j) {
+    const Lanes16 x = part[2 * j], y = part[2 * j + 1];
+    a[j] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const Lanes16 x = a[2 * j], y = a[2 * j + 1];
+    b[j] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int j = 0; j < 2; ++j) {
+    const Lanes16 x = b[2 * j], y = b[2 * j + 1];
+    c[j] = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  const Lanes16 r = __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+                    __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  std::memcpy(dots, &r, sizeof(r));
+}
+#else
+#define MSDA_TREE_DOTS 0
+struct Lanes16 {  // only declared: kTreeDots is false without vector extensions
+  float lane[16];
+};
+#endif
+
+// Whether the backward sums its dot products with sum_lanes16: fp32 with a head size that is a multiple of 16.
+template <typename scalar_t, int kD>
+constexpr bool kTreeDots = MSDA_TREE_DOTS && std::is_same<scalar_t, float>::value && kD > 0 && kD % 16 == 0;
+
 // Work units are (n, query chunk) as described at the top; within a unit the order is (q, m), the forward's.
 template <typename scalar_t, int kD>
 void backward_kernel(const Sizes& sz, int64_t chunks, const scalar_t* value, const int64_t* shapes,
@@ -189,7 +231,10 @@ void backward_kernel(const Sizes& sz, int64_t chunks, const scalar_t* value, con
   const PointLevels<scalar_t> levels(sz, shapes, starts);
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
     Taps<scalar_t> taps(LP);
-    std::vector<scalar_t> zero_row(D, scalar_t(0)), scratch_row(D), dot(4 * LP), dynamic(kD > 0 ? 0 : D);
+    // dot: <grad_out, tap row> per tap, padded to whole blocks of 16 for sum_lanes16 (the padding stays zero).
+    const int64_t padded_taps = (4 * LP + 15) / 16 * 16;
+    std::vector<scalar_t> zero_row(D, scalar_t(0)), scratch_row(D), dot(padded_taps), dynamic(kD > 0 ? 0 : D);
+    std::vector<Lanes16> folded(kTreeDots<scalar_t, kD> ? padded_taps : 0, Lanes16{});
     scalar_t fixed[kD > 0 ? kD : 1];
     scalar_t* go = kD > 0 ? fixed : dynamic.data();  // this (n, q, m)'s grad_output, in registers if it fits
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -211,15 +256,33 @@ void backward_kernel(const Sizes& sz, int64_t chunks, const scalar_t* value, con
               const scalar_t* __restrict__ v = taps.row[c][i];
               scalar_t* __restrict__ gv = index >= 0 ? head_grad + index * M * D : scratch_row.data();
               const scalar_t a = taps.weight[c][i];
-              scalar_t s = 0;
+              if constexpr (kTreeDots<scalar_t, kD>) {
+                // Fold the D products into 16 lanes; sum_lanes16 below sums 16 taps' lanes at once.
+                scalar_t lanes[16] = {0};
+                for (int64_t j = 0; j < D; j += 16) {
+#pragma omp simd
+                  for (int k = 0; k < 16; ++k) {
+                    lanes[k] += go[j + k] * v[j + k];
+                    gv[j + k] += a * go[j + k];
+                  }
+                }
+                std::memcpy(&folded[4 * i + c], lanes, sizeof(lanes));
+              } else {
+                scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
-              for (int64_t d = 0; d < D; ++d) {
-                s += go[d] * v[d];
-                gv[d] += a * go[d];
+                for (int64_t d = 0; d < D; ++d) {
+                  s += go[d] * v[d];
+                  gv[d] += a * go[d];
+                }
+                dot[4 * i + c] = s;
               }
-              dot[4 * i + c] = s;
             }
           }
+#if MSDA_TREE_DOTS
+          if constexpr (kTreeDots<scalar_t, kD>) {
+            for (int64_t t = 0; t < 4 * LP; t += 16) sum_lanes16(folded.data() + t, dot.data() + t);
+          }
+#endif
           scalar_t* g_loc = grad_locations + head * LP * 2;
           scalar_t* g_attn = grad_weights + head * LP;
           const scalar_t *height = levels.height.data(), *width = levels.width.data();

@@ -98,7 +98,8 @@ __global__ void backward_kernel(Sizes sz, const scalar_t* __restrict__ value, co
       }
       dot[c] = s;
     }
-    const auto g = msda::point_gradients<scalar_t>(nb, dot, attn, height, width);
+    const auto g = msda::point_gradients<scalar_t>(nb.lh, nb.lw, dot, attn, static_cast<scalar_t>(height),
+                                                   static_cast<scalar_t>(width));
     grad_weights[i] = g.attn;
     grad_locations[2 * i] = g.x;
     grad_locations[2 * i + 1] = g.y;
