@@ -3,7 +3,8 @@
 // Same tensors and sampling rule as the CPU kernel (ms_deform_attn_cpu.cpp) and Deformable-DETR's op:
 //   value (N, S, M, D), spatial_shapes (L, 2) int64 (H, W), level_start_index (L,) int64,
 //   sampling_locations (N, Lq, M, L, P, 2) (x, y) in [0, 1], attention_weights (N, Lq, M, L, P) -> (N, Lq, M * D)
-// with grid_sample(align_corners=False, padding_mode='zeros') bilinear sampling.
+// with grid_sample(align_corners=False, padding_mode='zeros') bilinear sampling (ms_deform_attn_bilinear.h, shared
+// with the CPU kernel).
 // Differences from the reference kernels: dtype dispatch through scalar_type() (the reference's value.type() no
 // longer compiles on torch 2.x), the current stream and a device guard, no im2col batching (the whole batch is one
 // launch; im2col_step is accepted for signature compatibility), and one thread per sampling point in the backward
@@ -19,54 +20,14 @@
 #include <algorithm>
 #include <vector>
 
+#include "ms_deform_attn_bilinear.h"
 #include "ms_deform_attn_checks.h"
 
 namespace {
 
 constexpr int kThreads = 256;
 
-// Bilinear neighbours of one point, order (h0, w0), (h0, w1), (h1, w0), (h1, w1); row = -1 when outside the map.
-template <typename scalar_t>
-struct Neighbours {
-  int64_t row[4];
-  scalar_t weight[4];
-  scalar_t lh, lw;
-  bool any;
-};
-
-template <typename scalar_t>
-__device__ __forceinline__ Neighbours<scalar_t> neighbours(scalar_t x, scalar_t y, int64_t height, int64_t width,
-                                                           int64_t start) {
-  Neighbours<scalar_t> nb;
-  nb.any = false;
-  const scalar_t h = y * static_cast<scalar_t>(height) - scalar_t(0.5);
-  const scalar_t w = x * static_cast<scalar_t>(width) - scalar_t(0.5);
-  // Beyond one pixel outside the map all neighbours are outside; also rejects NaN before the integer cast.
-  if (!(h > scalar_t(-2) && w > scalar_t(-2) && h < static_cast<scalar_t>(height + 1) &&
-        w < static_cast<scalar_t>(width + 1))) {
-    return nb;
-  }
-  const scalar_t h_floor = floor(h);
-  const scalar_t w_floor = floor(w);
-  const int64_t h0 = static_cast<int64_t>(h_floor);
-  const int64_t w0 = static_cast<int64_t>(w_floor);
-  nb.lh = h - h_floor;
-  nb.lw = w - w_floor;
-  const scalar_t hh = scalar_t(1) - nb.lh;
-  const scalar_t hw = scalar_t(1) - nb.lw;
-  const int64_t hs[4] = {h0, h0, h0 + 1, h0 + 1};
-  const int64_t ws[4] = {w0, w0 + 1, w0, w0 + 1};
-  const scalar_t weights[4] = {hh * hw, hh * nb.lw, nb.lh * hw, nb.lh * nb.lw};
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const bool inside = hs[c] >= 0 && hs[c] < height && ws[c] >= 0 && ws[c] < width;
-    nb.row[c] = inside ? start + hs[c] * width + ws[c] : -1;
-    nb.weight[c] = weights[c];
-    nb.any = nb.any || inside;
-  }
-  return nb;
-}
-
+using msda::neighbours;
 using msda::Sizes;
 
 // One thread per output element (n, q, m, d); consecutive threads read consecutive channels of a value row.
@@ -137,12 +98,11 @@ __global__ void backward_kernel(Sizes sz, const scalar_t* __restrict__ value, co
       }
       dot[c] = s;
     }
-    const scalar_t hh = scalar_t(1) - nb.lh, hw = scalar_t(1) - nb.lw;
-    grad_weights[i] = nb.weight[0] * dot[0] + nb.weight[1] * dot[1] + nb.weight[2] * dot[2] + nb.weight[3] * dot[3];
-    const scalar_t d_lw = hh * (dot[1] - dot[0]) + nb.lh * (dot[3] - dot[2]);
-    const scalar_t d_lh = hw * (dot[2] - dot[0]) + nb.lw * (dot[3] - dot[1]);
-    grad_locations[2 * i] = attn * static_cast<scalar_t>(width) * d_lw;
-    grad_locations[2 * i + 1] = attn * static_cast<scalar_t>(height) * d_lh;
+    const auto g = msda::point_gradients<scalar_t>(nb.lh, nb.lw, dot, attn, static_cast<scalar_t>(height),
+                                                   static_cast<scalar_t>(width));
+    grad_weights[i] = g.attn;
+    grad_locations[2 * i] = g.x;
+    grad_locations[2 * i + 1] = g.y;
   }
 }
 
