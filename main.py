@@ -181,32 +181,37 @@ def setup(args: argparse.Namespace) -> tuple[Config, torch.device, bool]:
     return cfg, device, distributed
 
 
-def make_loaders(cfg, distributed: bool):
-    """``(loader_train, loader_val, sampler_train, dataset_val)``; a data problem is a ``DataError``."""
+def make_loaders(cfg, distributed: bool, train: bool = True):
+    """``(loader_train, loader_val, sampler_train, dataset_val)``; a data problem is a ``DataError``.
+
+    ``train=False`` (``--eval``) builds and checks the val split alone: the train split need not exist, and
+    ``loader_train`` and ``sampler_train`` are None.
+    """
     from datasets import BadPairError, build_dataset
     from datasets.check import check_before_training
+    splits = ('train', 'val') if train else ('val',)
     try:
-        dataset_train = build_dataset('train', cfg)
-        dataset_val = build_dataset('val', cfg)
+        datasets = {split: build_dataset(split, cfg) for split in splits}
     except (ValueError, KeyError, FileNotFoundError, BadPairError) as e:
         # datasets/ raises these with a message naming the file or key; here they are the user's data problem.
         raise DataError(e.args[0] if e.args else repr(e)) from None
-    check_before_training({'train': dataset_train, 'val': dataset_val})
-    if len(dataset_train) < cfg.batch_size * dist.get_world_size():
-        raise UsageError(f'the train split has {len(dataset_train)} image pairs, fewer than one batch of '
-                         f'batch_size={cfg.batch_size} per process; lower batch_size or add data')
-    if distributed:
-        sampler_train = DistributedSampler(dataset_train, shuffle=True, seed=cfg.seed)
-        sampler_val = DistributedSampler(dataset_val, shuffle=False)
-    else:
-        sampler_train = RandomSampler(dataset_train)
-        sampler_val = SequentialSampler(dataset_val)
-    loader_train = DataLoader(dataset_train, batch_size=cfg.batch_size, sampler=sampler_train, drop_last=True,
-                              collate_fn=collate_fn, num_workers=cfg.num_workers,
-                              persistent_workers=cfg.num_workers > 0)
+    check_before_training(datasets)
+    dataset_val = datasets['val']
+    sampler_val = DistributedSampler(dataset_val, shuffle=False) if distributed else SequentialSampler(dataset_val)
     # Validation runs one image per batch, as in the reference (no padding between images).
     loader_val = DataLoader(dataset_val, batch_size=1, sampler=sampler_val, drop_last=False,
                             collate_fn=collate_fn, num_workers=cfg.num_workers)
+    if not train:
+        return None, loader_val, None, dataset_val
+    dataset_train = datasets['train']
+    if len(dataset_train) < cfg.batch_size * dist.get_world_size():
+        raise UsageError(f'the train split has {len(dataset_train)} image pairs, fewer than one batch of '
+                         f'batch_size={cfg.batch_size} per process; lower batch_size or add data')
+    sampler_train = (DistributedSampler(dataset_train, shuffle=True, seed=cfg.seed) if distributed
+                     else RandomSampler(dataset_train))
+    loader_train = DataLoader(dataset_train, batch_size=cfg.batch_size, sampler=sampler_train, drop_last=True,
+                              collate_fn=collate_fn, num_workers=cfg.num_workers,
+                              persistent_workers=cfg.num_workers > 0)
     return loader_train, loader_val, sampler_train, dataset_val
 
 
@@ -401,7 +406,7 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Everything after parsing; returns the (unwrapped) model and the last evaluation stats."""
     run_start = time.time()
     cfg, device, distributed = setup(args)
-    loaders = make_loaders(cfg, distributed)
+    loaders = make_loaders(cfg, distributed, train=not args.eval)
     training = build_training(cfg, device)
     state = restore(args, cfg, training)
     dist.run_on_main(lambda: cfg.dump(os.path.join(cfg.output_dir, 'config_cfg.py')))  # the config in effect
