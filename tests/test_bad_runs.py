@@ -18,6 +18,7 @@ traceback. Bad data sets are catalogued in tests/test_bad_data.py; distributed r
 |            | --pretrain_model_path | that fits |
 | output dir | holds a run (no --resume), is a file | the dir |
 | data | coco_path missing, fewer pairs than a batch, a pair failing inside a DataLoader worker | the path |
+| data | images the eval sizes make too small for the model (a 1x1 map under GroupNorm) | the sizes, the keys |
 | run integrity | the weights diverge (NaN outputs) after a good epoch | the step; the last good checkpoint, kept |
 """
 import subprocess
@@ -316,6 +317,13 @@ def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_pat
     argv.remove('0')
     line = ends_with_one_line(capsys, argv, '000002.png', 'unreadable or corrupt image')
     assert 'Traceback' not in line and 'DataLoader worker' not in line
+
+
+def test_eval_images_too_small_for_the_model(capsys, good_run, data_root, tmp_path, cli):
+    # 128x96 pairs resized to 64x48: the stride-64 level is 1x1, which GroupNorm(32, hidden_dim=32) refuses
+    argv = cli(data_root, tmp_path / 'o', '--eval', '--resume', str(good_run / 'checkpoint.pth'),
+               options=['eval_size=48', 'eval_max_size=64'])
+    ends_with_one_line(capsys, argv, '48x64 input gives a 1x1 map at the stride-64 level', 'eval_size')
 
 
 # ---------------------------------------------------------------------------------------------- run integrity
