@@ -51,7 +51,7 @@ from models.pretrained import load_pretrained_caff, load_pretrained_coco
 from util import dist
 from util.checkpoint import check_checkpoint_path, copy_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
-from util.config import Config, load_config, parse_options
+from util.config import Config, ConfigError, load_config, parse_options
 from util.device import resolve_device
 from util.errors import EXIT_USER_ERROR, DataError, UsageError, UserError, report_user_error, user_message
 from util.logger import setup_logger
@@ -240,8 +240,15 @@ def reference_backbone_names(cfg) -> set[str]:
 
 
 def build_training(cfg, device: torch.device) -> Training:
-    """Model, criterion and post-processors on ``device``; AdamW in the reference's group layout; StepLR; EMA."""
-    model, criterion, postprocessors = build_model(cfg)
+    """Model, criterion and post-processors on ``device``; AdamW in the reference's group layout; StepLR; EMA.
+
+    A constructor that refuses a config value (a ``ValueError`` naming it, one the config rules let through) is a
+    ``ConfigError``: the config is the user's to fix.
+    """
+    try:
+        model, criterion, postprocessors = build_model(cfg)
+    except ValueError as e:
+        raise ConfigError(f'the model cannot be built from this config: {e}') from None
     model.to(device)
     criterion.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.errors import UserError
+from util.errors import InputSizeError
 from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list
 
 from .backbones import freeze_module
@@ -56,10 +56,6 @@ from .utils import MLP
 
 QUERY_MODALITIES = ('ir', 'rgb')
 CLASS_PRIOR_PROB = 0.01  # focal-loss prior of the class heads' bias (RetinaNet, as DINO)
-
-
-class InputSizeError(UserError, ValueError):
-    """An input too small for the model (a user error: the config's image sizes or hidden_dim decide it)."""
 
 
 def build_input_projections(num_channels: list[int], hidden_dim: int, num_levels: int) -> nn.ModuleList:

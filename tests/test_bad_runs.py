@@ -18,7 +18,8 @@ traceback. Bad data sets are catalogued in tests/test_bad_data.py; distributed r
 |            | --pretrain_model_path | that fits |
 | output dir | holds a run (no --resume), is a file | the dir |
 | data | coco_path missing, fewer pairs than a batch, a pair failing inside a DataLoader worker | the path |
-| data | images the eval sizes make too small for the model (a 1x1 map under GroupNorm) | the sizes, the keys |
+| data | images the eval sizes make too small for the model (a 1x1 map under GroupNorm), fewer feature-map tokens than num_queries | the sizes, the keys |
+| config | all matching costs 0; a value a model constructor refuses | the keys |
 | run integrity | the weights diverge (NaN outputs) after a good epoch | the step; the last good checkpoint, kept |
 """
 import subprocess
@@ -195,7 +196,9 @@ def test_hidden_dim_not_a_multiple_of_32(capsys, data_root, tmp_path, cli):
     (['dn_labelbook_size=2'], ('dn_labelbook_size=2', 'num_classes=3')),
     (['num_feature_levels=2'], ('num_feature_levels=2', 'return_interm_indices')),
     (['hidden_dim=64', 'nheads=3'], ('hidden_dim=64', 'nheads=3')),
-], ids=['dn_labelbook_size_vs_num_classes', 'levels_vs_returned_stages', 'hidden_dim_vs_nheads'])
+    (['set_cost_class=0', 'set_cost_bbox=0', 'set_cost_giou=0'], ('set_cost_class=0', 'set_cost_giou=0')),
+], ids=['dn_labelbook_size_vs_num_classes', 'levels_vs_returned_stages', 'hidden_dim_vs_nheads',
+        'all_matching_costs_zero'])
 def test_keys_that_contradict_each_other(capsys, data_root, tmp_path, cli, options, culprits):
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=options), *culprits)
 
@@ -317,6 +320,21 @@ def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_pat
     argv.remove('0')
     line = ends_with_one_line(capsys, argv, '000002.png', 'unreadable or corrupt image')
     assert 'Traceback' not in line and 'DataLoader worker' not in line
+
+
+def test_more_queries_than_feature_map_tokens(capsys, data_root, tmp_path, cli):
+    # 96x128 training images give 192 + 48 + 12 + 4 = 256 tokens over the four levels: too few for 300 queries
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=['num_queries=300']), '256 tokens',
+                       'num_queries=300', 'data_aug_scales')
+
+
+def test_a_model_constructor_that_refuses_a_config_value(capsys, data_root, tmp_path, cli, monkeypatch):
+    def refuse(cfg):
+        raise ValueError(f'caff_proj_dim={cfg.caff_proj_dim} does not fit')
+
+    monkeypatch.setattr(main, 'build_model', refuse)
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o'), 'the model cannot be built from this config',
+                       'caff_proj_dim=')
 
 
 def test_eval_images_too_small_for_the_model(capsys, good_run, data_root, tmp_path, cli):

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from models import build_model
-from models.caff_dino import InputSizeError
-from util.errors import UserError
+from util.errors import InputSizeError, UserError
 from util.misc import nested_tensor_from_tensor_list
 
 SIZE = (64, 80)
