@@ -49,7 +49,7 @@ from engine import evaluate, log_line, train_one_epoch
 from models import build_model
 from models.pretrained import load_pretrained_caff, load_pretrained_coco
 from util import dist
-from util.checkpoint import check_checkpoint_path, copy_checkpoint, save_checkpoint
+from util.checkpoint import CheckpointError, check_checkpoint_path, copy_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
 from util.config import Config, ConfigError, load_config, parse_options
 from util.device import resolve_device
@@ -292,10 +292,15 @@ def restore(args: argparse.Namespace, cfg, training: Training) -> ResumeState:
 
 def restore_generators(args: argparse.Namespace, rng_states, device: torch.device) -> None:
     """Put every rank's generators where the checkpoint left them; last, so that nothing before draws from them."""
-    if rng_states is not None and len(rng_states) == dist.get_world_size():
-        restore_rng_state(rng_states[dist.get_rank()], device)
+    per_rank = isinstance(rng_states, (list, tuple))
+    if per_rank and len(rng_states) == dist.get_world_size():
+        try:
+            restore_rng_state(rng_states[dist.get_rank()], device)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f'--resume {args.resume!r}: its rng_state entry is damaged ({type(e).__name__}: '
+                                  f'{e}); resume from another checkpoint of the run') from None
         return
-    saved = 'none' if rng_states is None else f'{len(rng_states)} processes'
+    saved = f'{len(rng_states)} processes' if per_rank else 'none' if rng_states is None else 'no readable list'
     logger.warning(f'{args.resume} holds random generator states for {saved}, this run has '
                    f'{dist.get_world_size()}: the resumed run keeps its seeded generators, so its data order '
                    'and augmentations differ from those of an uninterrupted run')
@@ -416,6 +421,10 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     loaders = make_loaders(cfg, distributed, train=not args.eval)
     training = build_training(cfg, device)
     state = restore(args, cfg, training)
+    if args.resume and not args.eval and state.start_epoch >= cfg.epochs:
+        raise UsageError(f'--resume {args.resume}: the run has completed epoch {state.start_epoch - 1} and epochs='
+                         f'{cfg.epochs}, so nothing is left to train; raise epochs (--options epochs=N) to train '
+                         'on, or add --eval to evaluate it')
     dist.run_on_main(lambda: cfg.dump(os.path.join(cfg.output_dir, 'config_cfg.py')))  # the config in effect
     model = training.model
     if distributed:

@@ -14,6 +14,7 @@ traceback. Bad data sets are catalogued in tests/test_bad_data.py; distributed r
 | config across keys | dn_labelbook_size < num_classes, num_feature_levels < levels, hidden_dim % nheads | the keys |
 | device | not a device name | the value |
 | checkpoint | missing, a directory, not a torch file, truncated, not a checkpoint dict, unsafe | the file |
+| checkpoint | a damaged entry (epoch, lr_scheduler, best, rng_state); a finished run with no epoch left | the file, the entry |
 | checkpoint | another architecture (--resume), CAFF file to --pretrain_model_coco, DINO file to | the file, the flag |
 |            | --pretrain_model_path | that fits |
 | output dir | holds a run (no --resume), is a file | the dir |
@@ -253,6 +254,22 @@ def test_a_checkpoint_with_objects_beyond_weights(capsys, data_root, tmp_path, c
     torch.save({'model': {}, 'extra': Unknown()}, path)
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', str(path)), 'pickled.pth',
                        '--allow_unsafe_checkpoint')
+
+
+@pytest.mark.parametrize('key,value,culprit', [('epoch', 'zero', 'lr_scheduler / epoch entry is damaged'),
+                                               ('lr_scheduler', 5, 'lr_scheduler / epoch entry is damaged'),
+                                               ('best', {'metric': 'high'}, 'best entry is damaged'),
+                                               ('rng_state', [{'python': 1}], 'rng_state entry is damaged')])
+def test_a_training_checkpoint_with_a_damaged_entry(capsys, good_run, data_root, tmp_path, cli, key, value, culprit):
+    path = tmp_path / 'damaged.pth'
+    save_checkpoint({**load_checkpoint(str(good_run / 'checkpoint.pth')), key: value}, str(path))
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', str(path), options=['epochs=2']),
+                       'damaged.pth', culprit)
+
+
+def test_resume_of_a_run_with_no_epoch_left(capsys, good_run, data_root, tmp_path, cli):
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', str(good_run / 'checkpoint.pth')),
+                       'completed epoch 0 and epochs=1', 'nothing is left to train', '--eval')
 
 
 def test_resume_from_a_checkpoint_of_another_architecture(capsys, data_root, tmp_path, cli, tiny_run_options):
