@@ -126,6 +126,9 @@ def check_run_options(args: argparse.Namespace, output_dir: str) -> None:
     pretrain = [f for f in ('pretrain_model_coco', 'pretrain_model_path') if getattr(args, f)]
     if args.resume and pretrain:
         raise UsageError(f'--resume restores a whole run; it cannot be combined with --{pretrain[0]}')
+    if any(not substring.strip() for substring in args.finetune_ignore):
+        raise UsageError("--finetune_ignore '': an empty substring is part of every key, so nothing would load; "
+                         'give substrings of the keys to leave out, e.g. --finetune_ignore class_embed')
     if args.eval and not (args.resume or args.pretrain_model_path):
         raise UsageError('--eval needs trained weights: pass --resume CKPT or --pretrain_model_path CKPT (a freshly '
                          'initialised model gives meaningless numbers)')

@@ -107,6 +107,11 @@ def test_resume_combined_with_a_pretrain_flag(capsys, data_root, tmp_path, cli):
                        '--resume', '--pretrain_model_path', 'cannot be combined')
 
 
+def test_finetune_ignore_with_an_empty_substring(capsys, data_root, tmp_path, cli):
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--pretrain_model_path', 'a.pth', '--finetune_ignore',
+                                   ''), "--finetune_ignore ''", 'nothing would load')
+
+
 def test_eval_without_a_checkpoint(capsys, data_root, tmp_path, cli):
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--eval'), '--eval', '--resume', '--pretrain_model_path')
     assert not (tmp_path / 'o' / 'detections_bbox.json').exists(), 'nothing was evaluated'
