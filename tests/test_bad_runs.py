@@ -265,6 +265,7 @@ def test_a_checkpoint_with_objects_beyond_weights(capsys, data_root, tmp_path, c
                                                ('lr_scheduler', 5, 'lr_scheduler / epoch entry is damaged'),
                                                ('best', {'metric': 'high'}, 'best entry is damaged'),
                                                ('rng_state', [{'python': 1}], 'rng_state entry is damaged')])
+@pytest.mark.slow
 def test_a_training_checkpoint_with_a_damaged_entry(capsys, good_run, data_root, tmp_path, cli, key, value, culprit):
     path = tmp_path / 'damaged.pth'
     save_checkpoint({**load_checkpoint(str(good_run / 'checkpoint.pth')), key: value}, str(path))
@@ -272,6 +273,7 @@ def test_a_training_checkpoint_with_a_damaged_entry(capsys, good_run, data_root,
                        'damaged.pth', culprit)
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_with_no_epoch_left(capsys, good_run, data_root, tmp_path, cli):
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', str(good_run / 'checkpoint.pth')),
                        'completed epoch 0 and epochs=1', 'nothing is left to train', '--eval')
@@ -328,6 +330,7 @@ def test_fewer_pairs_than_one_batch(capsys, data_root, tmp_path, cli):
                        '4 image pairs')
 
 
+@pytest.mark.slow
 def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_path, cli, monkeypatch):
     real_getitem = PairedCocoDataset.__getitem__
 
@@ -359,6 +362,7 @@ def test_a_model_constructor_that_refuses_a_config_value(capsys, data_root, tmp_
                        'caff_proj_dim=')
 
 
+@pytest.mark.slow
 def test_eval_images_too_small_for_the_model(capsys, good_run, data_root, tmp_path, cli):
     # 128x96 pairs resized to 64x48: the stride-64 level is 1x1, which GroupNorm(32, hidden_dim=32) refuses
     argv = cli(data_root, tmp_path / 'o', '--eval', '--resume', str(good_run / 'checkpoint.pth'),
@@ -368,6 +372,7 @@ def test_eval_images_too_small_for_the_model(capsys, good_run, data_root, tmp_pa
 
 # ---------------------------------------------------------------------------------------------- run integrity
 
+@pytest.mark.slow
 def test_weights_that_diverge_after_a_good_epoch_keep_its_checkpoint(capsys, good_run, data_root, cli):
     kept = good_run / 'checkpoint.pth'
     before = kept.read_bytes()
@@ -379,6 +384,7 @@ def test_weights_that_diverge_after_a_good_epoch_keep_its_checkpoint(capsys, goo
     assert load_checkpoint(str(kept))['epoch'] == 0
 
 
+@pytest.mark.slow
 def test_a_bad_run_in_a_fresh_process_prints_one_line_and_no_traceback(data_root, tmp_path, cli):
     proc = subprocess.run([sys.executable, str(REPO / 'main.py'), *cli(data_root, tmp_path / 'o',
                                                                        options=['batch_size=0'])],

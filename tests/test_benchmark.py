@@ -34,6 +34,7 @@ def test_measure_model_splits_the_forward(repo_root):
     assert result['params'] > 1e6 and result['rss_built_mb'] > 0 and result['peak_mb'] > 0
 
 
+@pytest.mark.slow
 def test_e2e_page_has_a_row_per_model_with_positive_numbers(tmp_path, capsys):
     out = tmp_path / 'e2e.md'
     argv = ['e2e', '--models', 'tiny', 'config/DINO/CAFF_tiny.py', '--height', '96', '--width', '128',

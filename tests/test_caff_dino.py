@@ -246,6 +246,7 @@ def synthetic_pairs(size=(64, 64)):
     return rgbs, irs, targets
 
 
+@pytest.mark.slow
 def test_overfits_two_pairs(tiny):
     tiny.freeze_backbones = True  # faster; CAFF, projections and transformer learn
     model, criterion, _ = build(tiny)

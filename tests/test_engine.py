@@ -47,6 +47,7 @@ def test_weighted_loss_uses_only_weighted_terms():
     assert weighted_loss(losses, {'loss_ce': 0.5, 'loss_bbox': 5.0}).item() == pytest.approx(6.0)
 
 
+@pytest.mark.slow
 def test_one_epoch_updates_the_model_and_returns_finite_averages(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -60,6 +61,7 @@ def test_one_epoch_updates_the_model_and_returns_finite_averages(setup):
     assert any(k.startswith('conv_corr') for k in changed) and any(k.startswith('transformer') for k in changed)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_epoch_step_and_terms(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -77,6 +79,7 @@ def test_non_finite_loss_names_epoch_step_and_terms(setup):
     assert torch.equal(model.state_dict()['class_embed.0.bias'], before), 'no step with a NaN loss'
 
 
+@pytest.mark.slow
 def test_evaluate_gives_coco_stats_and_writes_detections(setup, tmp_path):
     cfg, _, val_loader, base_ds = setup
     model, criterion, postprocessors, _ = build(cfg)
@@ -91,6 +94,7 @@ def test_evaluate_gives_coco_stats_and_writes_detections(setup, tmp_path):
     assert again['coco_eval_bbox'] == stats['coco_eval_bbox']
 
 
+@pytest.mark.slow
 def test_amp_bf16_on_cpu_trains_with_finite_loss(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -99,6 +103,7 @@ def test_amp_bf16_on_cpu_trains_with_finite_loss(setup):
     assert math.isfinite(stats['loss'])
 
 
+@pytest.mark.slow
 def test_train_one_epoch_updates_the_ema(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -110,6 +115,7 @@ def test_train_one_epoch_updates_the_ema(setup):
     assert not torch.equal(ema_bias, start) and not torch.equal(ema_bias, model.class_embed[0].bias)
 
 
+@pytest.mark.slow
 def test_nan_weights_stop_before_the_criterion_sees_the_outputs(setup):
     """A diverged weight makes every output NaN; the matcher and the DN box loss (generalized_box_iou) would raise
     a ValueError on them, so the check must come first and name the outputs."""
@@ -134,6 +140,7 @@ def test_non_finite_outputs_names_nested_tensors():
     assert non_finite_outputs({'pred_boxes': torch.ones(2, 4)}) == []
 
 
+@pytest.mark.slow
 def test_infinite_gradient_stops_before_the_optimizer_step(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -160,6 +167,7 @@ class _BadSecondItem(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+@pytest.mark.slow
 def test_a_data_error_in_a_worker_stays_a_one_line_user_error(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)

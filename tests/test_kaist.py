@@ -102,6 +102,7 @@ def test_kaist_fusion_builds_the_kaist_dataset_and_its_evaluator(converted, tmp_
     assert build_benchmark_evaluator(llvip) is None and build_benchmark_evaluator(None) is None
 
 
+@pytest.mark.slow
 def test_train_once_then_eval_reports_miss_rate_all_day_night(converted, tmp_path, tiny_run_options):
     out = tmp_path / 'run'
     common = ['-c', str(REPO / TINY), '--dataset_file', 'kaist_fusion', '--coco_path', str(converted / 'data'),

@@ -29,6 +29,7 @@ def _train(tmp_path, *options, epochs: int = 2) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_event_files_hold_iteration_losses_lr_and_epoch_metrics(tmp_path):
     out = _train(tmp_path, 'tensorboard=True', 'batch_size=1')
     assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
