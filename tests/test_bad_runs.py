@@ -347,6 +347,7 @@ def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_pat
     assert 'Traceback' not in line and 'DataLoader worker' not in line
 
 
+@pytest.mark.slow
 def test_more_queries_than_feature_map_tokens(capsys, data_root, tmp_path, cli):
     # 96x128 training images give 192 + 48 + 12 + 4 = 256 tokens over the four levels: too few for 300 queries
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=['num_queries=300']), '256 tokens',

@@ -145,6 +145,7 @@ def test_image_without_partner_is_predicted_with_the_partner_missing_and_one_war
         assert (np.asarray(right) == 0).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_rgb_alone_predicts_with_the_thermal_image_missing(workspace, tmp_path, capsys):
     data = workspace['data']
     out = tmp_path / 'rgb_only'

@@ -183,6 +183,7 @@ def write_reference_checkpoint(cfg, path: Path):
     return ref_model, ref_opt
 
 
+@pytest.mark.slow
 def test_a_reference_training_checkpoint_resumes_here(tmp_path, frozen_cfg):
     path = tmp_path / 'reference_checkpoint.pth'
     ref_model, ref_opt = write_reference_checkpoint(frozen_cfg, path)
