@@ -49,9 +49,9 @@ from engine import amp_grad_scaler, evaluate, log_line, train_one_epoch
 from models import build_model
 from models.pretrained import load_pretrained_caff, load_pretrained_coco
 from util import dist
-from util.checkpoint import check_checkpoint_path, copy_checkpoint, save_checkpoint
+from util.checkpoint import CheckpointError, check_checkpoint_path, copy_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
-from util.config import Config, load_config, parse_options
+from util.config import Config, ConfigError, load_config, parse_options
 from util.device import resolve_device
 from util.errors import EXIT_USER_ERROR, DataError, UsageError, UserError, report_user_error, user_message
 from util.logger import setup_logger
@@ -126,6 +126,9 @@ def check_run_options(args: argparse.Namespace, output_dir: str) -> None:
     pretrain = [f for f in ('pretrain_model_coco', 'pretrain_model_path') if getattr(args, f)]
     if args.resume and pretrain:
         raise UsageError(f'--resume restores a whole run; it cannot be combined with --{pretrain[0]}')
+    if any(not substring.strip() for substring in args.finetune_ignore):
+        raise UsageError("--finetune_ignore '': an empty substring is part of every key, so nothing would load; "
+                         'give substrings of the keys to leave out, e.g. --finetune_ignore class_embed')
     if args.eval and not (args.resume or args.pretrain_model_path):
         raise UsageError('--eval needs trained weights: pass --resume CKPT or --pretrain_model_path CKPT (a freshly '
                          'initialised model gives meaningless numbers)')
@@ -181,32 +184,37 @@ def setup(args: argparse.Namespace) -> tuple[Config, torch.device, bool]:
     return cfg, device, distributed
 
 
-def make_loaders(cfg, distributed: bool):
-    """``(loader_train, loader_val, sampler_train, dataset_val)``; a data problem is a ``DataError``."""
+def make_loaders(cfg, distributed: bool, train: bool = True):
+    """``(loader_train, loader_val, sampler_train, dataset_val)``; a data problem is a ``DataError``.
+
+    ``train=False`` (``--eval``) builds and checks the val split alone: the train split need not exist, and
+    ``loader_train`` and ``sampler_train`` are None.
+    """
     from datasets import BadPairError, build_dataset
     from datasets.check import check_before_training
+    splits = ('train', 'val') if train else ('val',)
     try:
-        dataset_train = build_dataset('train', cfg)
-        dataset_val = build_dataset('val', cfg)
+        datasets = {split: build_dataset(split, cfg) for split in splits}
     except (ValueError, KeyError, FileNotFoundError, BadPairError) as e:
         # datasets/ raises these with a message naming the file or key; here they are the user's data problem.
         raise DataError(e.args[0] if e.args else repr(e)) from None
-    check_before_training({'train': dataset_train, 'val': dataset_val})
-    if len(dataset_train) < cfg.batch_size * dist.get_world_size():
-        raise UsageError(f'the train split has {len(dataset_train)} image pairs, fewer than one batch of '
-                         f'batch_size={cfg.batch_size} per process; lower batch_size or add data')
-    if distributed:
-        sampler_train = DistributedSampler(dataset_train, shuffle=True, seed=cfg.seed)
-        sampler_val = DistributedSampler(dataset_val, shuffle=False)
-    else:
-        sampler_train = RandomSampler(dataset_train)
-        sampler_val = SequentialSampler(dataset_val)
-    loader_train = DataLoader(dataset_train, batch_size=cfg.batch_size, sampler=sampler_train, drop_last=True,
-                              collate_fn=collate_fn, num_workers=cfg.num_workers,
-                              persistent_workers=cfg.num_workers > 0)
+    check_before_training(datasets)
+    dataset_val = datasets['val']
+    sampler_val = DistributedSampler(dataset_val, shuffle=False) if distributed else SequentialSampler(dataset_val)
     # Validation runs one image per batch, as in the reference (no padding between images).
     loader_val = DataLoader(dataset_val, batch_size=1, sampler=sampler_val, drop_last=False,
                             collate_fn=collate_fn, num_workers=cfg.num_workers)
+    if not train:
+        return None, loader_val, None, dataset_val
+    dataset_train = datasets['train']
+    if len(dataset_train) < cfg.batch_size * dist.get_world_size():
+        raise UsageError(f'the train split has {len(dataset_train)} image pairs, fewer than one batch of '
+                         f'batch_size={cfg.batch_size} per process; lower batch_size or add data')
+    sampler_train = (DistributedSampler(dataset_train, shuffle=True, seed=cfg.seed) if distributed
+                     else RandomSampler(dataset_train))
+    loader_train = DataLoader(dataset_train, batch_size=cfg.batch_size, sampler=sampler_train, drop_last=True,
+                              collate_fn=collate_fn, num_workers=cfg.num_workers,
+                              persistent_workers=cfg.num_workers > 0)
     return loader_train, loader_val, sampler_train, dataset_val
 
 
@@ -235,8 +243,15 @@ def reference_backbone_names(cfg) -> set[str]:
 
 
 def build_training(cfg, device: torch.device) -> Training:
-    """Model, criterion and post-processors on ``device``; AdamW in the reference's group layout; StepLR; EMA."""
-    model, criterion, postprocessors = build_model(cfg)
+    """Model, criterion and post-processors on ``device``; AdamW in the reference's group layout; StepLR; EMA.
+
+    A constructor that refuses a config value (a ``ValueError`` naming it, one the config rules let through) is a
+    ``ConfigError``: the config is the user's to fix.
+    """
+    try:
+        model, criterion, postprocessors = build_model(cfg)
+    except ValueError as e:
+        raise ConfigError(f'the model cannot be built from this config: {e}') from None
     model.to(device)
     criterion.to(device)
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -280,10 +295,15 @@ def restore(args: argparse.Namespace, cfg, training: Training) -> ResumeState:
 
 def restore_generators(args: argparse.Namespace, rng_states, device: torch.device) -> None:
     """Put every rank's generators where the checkpoint left them; last, so that nothing before draws from them."""
-    if rng_states is not None and len(rng_states) == dist.get_world_size():
-        restore_rng_state(rng_states[dist.get_rank()], device)
+    per_rank = isinstance(rng_states, (list, tuple))
+    if per_rank and len(rng_states) == dist.get_world_size():
+        try:
+            restore_rng_state(rng_states[dist.get_rank()], device)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f'--resume {args.resume!r}: its rng_state entry is damaged ({type(e).__name__}: '
+                                  f'{e}); resume from another checkpoint of the run') from None
         return
-    saved = 'none' if rng_states is None else f'{len(rng_states)} processes'
+    saved = f'{len(rng_states)} processes' if per_rank else 'none' if rng_states is None else 'no readable list'
     logger.warning(f'{args.resume} holds random generator states for {saved}, this run has '
                    f'{dist.get_world_size()}: the resumed run keeps its seeded generators, so its data order '
                    'and augmentations differ from those of an uninterrupted run')
@@ -402,9 +422,13 @@ def run(args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Everything after parsing; returns the (unwrapped) model and the last evaluation stats."""
     run_start = time.time()
     cfg, device, distributed = setup(args)
-    loaders = make_loaders(cfg, distributed)
+    loaders = make_loaders(cfg, distributed, train=not args.eval)
     training = build_training(cfg, device)
     state = restore(args, cfg, training)
+    if args.resume and not args.eval and state.start_epoch >= cfg.epochs:
+        raise UsageError(f'--resume {args.resume}: the run has completed epoch {state.start_epoch - 1} and epochs='
+                         f'{cfg.epochs}, so nothing is left to train; raise epochs (--options epochs=N) to train '
+                         'on, or add --eval to evaluate it')
     dist.run_on_main(lambda: cfg.dump(os.path.join(cfg.output_dir, 'config_cfg.py')))  # the config in effect
     model = training.model
     if distributed:

@@ -13,11 +13,14 @@ the file otherwise as it is. What differs:
   the box is left as it is here (the Dataset clips its training target to the image it reads).
 - Community JSON quirks are normalised instead of crashing: string image ids (mapped to ints, the mapping kept
   in `image_id_map`), 0-based ids, int boxes, images without annotations (kept as negatives), a UTF-8 byte order
-  mark. Annotation ids are renumbered 1..M in file order because pycocotools treats a ground-truth id of 0 as
-  "unmatched". Extra fields (e.g. "visibility", "ignore") are kept untouched.
+  mark, categories without a name (named by their id). Annotation ids are renumbered 1..M in file order
+  because pycocotools treats a ground-truth id of 0 as "unmatched". Extra fields (e.g. "visibility", "ignore")
+  are kept untouched.
 - Bad input names the file and the entry: a file that is not JSON or not a COCO dict, an image entry without
-  `id` or its file name keys, duplicate image ids, and, per annotation, missing keys, an unknown image id, a
-  bbox that is not 4 finite numbers, a category id that is not an integer or not in [0, num_classes). The
+  `id` or its file name keys, an image id that is neither a number nor a string, duplicate image ids, and, per
+  annotation, missing keys, an unknown image id, a bbox that is not 4 finite numbers, an `iscrowd` that is not
+  0 or 1 (a string "0" is 0, never read as true), a category id that is not an integer or not in
+  [0, num_classes). The
   per-annotation problems are all collected (`NormalisedAnnotations.problems`); `load_annotations` raises the
   first as a one-line DataError that also gives their count.
 """
@@ -83,9 +86,12 @@ def map_image_ids(ids: list, path: str) -> Optional[dict]:
     """None when every id is an int; otherwise {original id: int id}.
 
     Digit strings ("010001") map to their integer value when those values are unique; any other set of ids
-    maps to 1..N in file order. Duplicate ids raise DataError.
+    maps to 1..N in file order. Duplicate ids, or an id that is neither a number nor a string, raise DataError.
     """
-    if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    for n, i in enumerate(ids):
+        if isinstance(i, bool) or not isinstance(i, (int, float, str)):
+            raise DataError(f'{path}: images[{n}] has id {i!r}; an image id must be an integer or a string')
+    if all(isinstance(i, int) for i in ids):
         if len(set(ids)) != len(ids):
             raise DataError(f'{path}: duplicate image ids in "images"; every image needs its own id')
         return None
@@ -127,7 +133,12 @@ def _normalise_categories(listed: Optional[list], used: set[int], path: str, num
         if index is None:
             raise DataError(f'{path}: categories[{n}] has id {category["id"]!r}; it must be an integer class index')
         if 0 <= index < num_classes:
-            categories.append(dict(category, id=index))
+            name = category.get('name')
+            if not (isinstance(name, str) and name):  # the evaluator's per-class table prints names
+                label = str(index) if name in (None, '') else str(name)
+                notes.append(f'categories[{n}] (id {index}) has name {name!r}; named it {label!r}')
+                name = label
+            categories.append(dict(category, id=index, name=name))
         else:
             notes.append(f'category {index} ({category.get("name")}) is outside num_classes={num_classes} and '
                          f'unused; left out')
@@ -208,6 +219,12 @@ def _mapped_image_id(value, id_map: Optional[dict]):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _crowd_flag(value) -> Optional[int]:
+    """COCO's ``iscrowd`` as 0 or 1 (from 0/1, False/True, 0.0/1.0 or "0"/"1"); None for anything else."""
+    flag = int(value) if isinstance(value, bool) else _integer_id(value)
+    return flag if flag in (0, 1) else None
+
+
 def _annotation_problem(ann, image_ids: dict, id_map: Optional[dict], num_classes: int) -> tuple[str, str] | None:
     """(kind, what is wrong) for an annotation that cannot be used, else None."""
     missing = _missing(ann, REQUIRED_ANNOTATION_KEYS)
@@ -219,6 +236,8 @@ def _annotation_problem(ann, image_ids: dict, id_map: Optional[dict], num_classe
     bbox = ann['bbox']
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
         return 'bad_bbox', f'has bbox {bbox!r}; expected [x, y, width, height] finite numbers'
+    if _crowd_flag(ann.get('iscrowd', 0)) is None:
+        return 'bad_iscrowd', f'has iscrowd {ann["iscrowd"]!r}; it must be 0 or 1'
     label = _integer_id(ann['category_id'])
     if label is None:
         return 'bad_category_id', f'has category_id {ann["category_id"]!r}; it must be an integer class index'
@@ -280,7 +299,7 @@ def normalise_annotations(raw, path: str, num_classes: int, pair_names: PairName
         if clipped != box:
             problems.add('box_clipped', ref)
         clean = dict(ann, image_id=image_id, bbox=clipped, category_id=_integer_id(ann['category_id']),
-                     iscrowd=int(bool(ann.get('iscrowd', 0))),
+                     iscrowd=_crowd_flag(ann.get('iscrowd', 0)),
                      area=float(ann['area']) if _is_number(ann.get('area')) and ann['area'] > 0
                      else clipped[2] * clipped[3])
         clean['id'] = len(annotations) + 1

@@ -29,6 +29,7 @@ KINDS = {
     'bad_bbox': (ERROR, 'annotations whose bbox is not 4 finite numbers [x, y, width, height]'),
     'bad_category_id': (ERROR, 'annotations whose category_id is not an integer'),
     'category_out_of_range': (ERROR, 'annotations whose category_id is outside [0, num_classes)'),
+    'bad_iscrowd': (ERROR, 'annotations whose iscrowd is not 0 or 1'),
     'missing_file': (BAD_PAIR, 'pairs with a missing image file'),
     'unreadable_image': (BAD_PAIR, 'pairs with an unreadable, truncated or corrupt image'),
     'size_mismatch': (BAD_PAIR, 'pairs whose RGB and IR images differ in size'),

@@ -227,32 +227,29 @@ def _shared_factor(max_factor: float) -> float:
     return (random.random() + 1.0) / 2.0 * max_factor
 
 
-class AdjustBrightness:
+class _SharedFactorAdjustment:
+    """``adjust(image, factor)`` applied to both images with one shared factor in [max_factor/2, max_factor)."""
+    adjust = None  # a torchvision.transforms.functional adjustment, set by each subclass
+
+    def __init__(self, max_factor: float = 2.0):
+        self.max_factor = max_factor
+
+    def __call__(self, rgb, ir, target):
+        factor = _shared_factor(self.max_factor)
+        return self.adjust(rgb, factor), self.adjust(ir, factor), target
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(max_factor={self.max_factor})'
+
+
+class AdjustBrightness(_SharedFactorAdjustment):
     """Multiplies both images' brightness by one shared factor in [max_factor/2, max_factor)."""
-
-    def __init__(self, max_factor: float = 2.0):
-        self.max_factor = max_factor
-
-    def __call__(self, rgb, ir, target):
-        factor = _shared_factor(self.max_factor)
-        return F.adjust_brightness(rgb, factor), F.adjust_brightness(ir, factor), target
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}(max_factor={self.max_factor})'
+    adjust = staticmethod(F.adjust_brightness)
 
 
-class AdjustContrast:
+class AdjustContrast(_SharedFactorAdjustment):
     """Scales both images' contrast (about each image's own mean grey) by one shared factor."""
-
-    def __init__(self, max_factor: float = 2.0):
-        self.max_factor = max_factor
-
-    def __call__(self, rgb, ir, target):
-        factor = _shared_factor(self.max_factor)
-        return F.adjust_contrast(rgb, factor), F.adjust_contrast(ir, factor), target
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}(max_factor={self.max_factor})'
+    adjust = staticmethod(F.adjust_contrast)
 
 
 class ToTensor:

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.errors import InputSizeError
 from util.misc import NestedTensor, inverse_sigmoid, nested_tensor_from_tensor_list
 
 from .backbones import freeze_module
@@ -87,12 +88,12 @@ def _project(projection: nn.Sequential, x: torch.Tensor, samples: NestedTensor, 
                      in zip(x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
     batch, channels = x.shape[0], conv.out_channels
     if batch * (channels // norm.num_groups) * height * width == 1:
-        raise ValueError(
+        raise InputSizeError(
             f'CAFFDINO: a {samples.tensors.shape[-2]}x{samples.tensors.shape[-1]} input gives a 1x1 map at the '
             f'stride-{stride} level, and GroupNorm({norm.num_groups}, hidden_dim={channels}) of the input '
             f'projection cannot normalise one value per group at batch size 1; use images larger than '
-            f'{stride}x{stride} px (one side over {stride} px), a batch of 2 or more, or hidden_dim >= '
-            f'{2 * norm.num_groups}')
+            f'{stride}x{stride} px (one side over {stride} px; eval_size / data_aug_scales in the config), a batch '
+            f'of 2 or more, or hidden_dim >= {2 * norm.num_groups}')
     return projection(x)
 
 

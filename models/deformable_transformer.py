@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from models import fused_layers
 from models.ops import MSDeformAttn
 from models.utils import MLP, gen_sineembed_for_position, get_activation_fn, get_clones
+from util.errors import InputSizeError
 from util.misc import inverse_sigmoid
 
 SpatialShapes = Sequence[tuple[int, int]]
@@ -371,8 +372,9 @@ class DeformableTransformer(nn.Module):
                                'the detector must set them (two-stage heads) before the forward')
         num_tokens = memory.shape[1]
         if num_tokens < self.num_queries:
-            raise ValueError(f'DeformableTransformer: the feature maps have {num_tokens} tokens in all, fewer than '
-                             f'num_queries={self.num_queries}; use larger images or fewer queries')
+            raise InputSizeError(f'DeformableTransformer: the feature maps have {num_tokens} tokens in all, fewer '
+                                 f'than num_queries={self.num_queries}; use larger images (data_aug_scales / '
+                                 f'eval_size in the config) or fewer queries (num_queries)')
         output_memory, output_proposals = encoder_output_proposals(memory, mask_flatten, spatial_shapes_list,
                                                                    self.two_stage_default_hw)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))

@@ -21,8 +21,9 @@ from .checkpoint_keys import checkpoint_kind, map_dino_to_caff
 def _nothing_loaded(report: LoadReport, flag: str, path: str) -> None:
     if not report.loaded:
         raise CheckpointError(f'{flag} {path!r}: no tensor of it fits this model ({len(report.skipped_shape)} of '
-                              f'another shape, {len(report.unexpected)} unknown keys); was it saved for another '
-                              'architecture? Check the file and the config')
+                              f'another shape, {len(report.unexpected)} unknown keys, {len(report.ignored)} left out '
+                              'by --finetune_ignore); was it saved for another architecture? Check the file, the '
+                              'config and --finetune_ignore')
 
 
 def load_pretrained_coco(model: nn.Module, path: str, ignore=(), allow_unsafe: bool = False) -> LoadReport:

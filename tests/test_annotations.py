@@ -88,6 +88,19 @@ def test_crowd_kept_area_computed_and_extra_fields_kept():
     assert second['area'] == 20.0 and second['visibility'] == 'ir'
 
 
+@pytest.mark.parametrize('value, crowd', [(0, 0), (1, 1), (True, 1), (False, 0), ('0', 0), ('1', 1), (1.0, 1)])
+def test_iscrowd_spellings_are_read_by_value_not_truthiness(value, crowd):
+    out = normalise(coco([img(1)], [ann(1, [1, 1, 5, 5], iscrowd=value)]))
+    assert out.dataset['annotations'][0]['iscrowd'] == crowd and not out.problems.counts
+
+
+def test_category_names_missing_or_not_text_are_named_for_the_evaluator():
+    listed = [{'id': 1}, {'id': 2, 'name': 7}, {'id': 0, 'name': ''}]
+    out = normalise(coco([img(1)], [ann(1, [1, 1, 5, 5], 1)], categories=listed))
+    assert [(c['id'], c['name']) for c in out.dataset['categories']] == [(1, '1'), (2, '7'), (0, '0')]
+    assert sum('has name' in note for note in out.notes) == 3
+
+
 def test_categories_derived_added_or_left_out():
     out = normalise({'images': [img(1)], 'annotations': [ann(1, [1, 1, 5, 5], 2)]})
     assert out.dataset['categories'] == [{'id': 2, 'name': '2'}]
@@ -108,6 +121,8 @@ def test_categories_derived_added_or_left_out():
     (ann(1, [1, 1, 5, 5], 1.5), 'bad_category_id', 'category_id 1.5'),
     (ann(1, [1, 1, 5, 5], 3), 'category_out_of_range', r'category_id 3, outside \[0, 2\] for num_classes=3'),
     (ann(1, [1, 1, 5, 5], -1), 'category_out_of_range', 'category_id -1, outside'),
+    (ann(1, [1, 1, 5, 5], iscrowd='yes'), 'bad_iscrowd', "iscrowd 'yes'; it must be 0 or 1"),
+    (ann(1, [1, 1, 5, 5], iscrowd=2), 'bad_iscrowd', 'iscrowd 2'),
 ])
 def test_bad_annotations_are_collected_and_raise_one_line_naming_file_and_entry(tmp_path, annotation, kind, message):
     data = coco([img(1)], [annotation])
@@ -135,6 +150,9 @@ def test_every_out_of_range_id_is_counted_and_the_error_says_how_many():
     ({'images': [{'file_name': 'a.png'}], 'annotations': []}, r"images\[0\] lacks key\(s\) \['id'\]"),
     ({'images': [{'id': 1}], 'annotations': []}, r"images\[0\] \(id 1\).*'file_name'"),
     ({'images': [img(1), img(1, 'b.png')], 'annotations': []}, 'duplicate image ids'),
+    ({'images': [img([1])], 'annotations': []}, r'images\[0\] has id \[1\]; an image id must be an integer or a '
+                                                'string'),
+    ({'images': [img({'n': 1})], 'annotations': []}, r"images\[0\] has id \{'n': 1\}"),
     ({'images': [img(1)], 'annotations': [], 'categories': [{'name': 'x'}]}, r"categories\[0\] lacks key 'id'"),
 ])
 def test_malformed_files_raise_naming_the_file(tmp_path, data, message):

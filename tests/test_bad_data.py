@@ -54,9 +54,9 @@ def main_args(root, tmp_path, *options):
             str(tmp_path / 'out'), '--options', 'msda_backend=pytorch', 'batch_size=2', *options]
 
 
-def ends_with_one_line(root, tmp_path, capsys, *fragments, options=()):
+def ends_with_one_line(root, tmp_path, capsys, *fragments, options=(), flags=()):
     """Runs main.main; asserts exit 2 and exactly one stderr line holding every fragment; returns that line."""
-    status = main.main(main_args(root, tmp_path, *options))
+    status = main.main([*main_args(root, tmp_path, *options), *flags])
     err = capsys.readouterr().err.splitlines()
     assert status == 2 and len(err) == 1, err
     assert err[0].startswith('error: ') and all(f in err[0] for f in fragments), err[0]
@@ -64,7 +64,7 @@ def ends_with_one_line(root, tmp_path, capsys, *fragments, options=()):
     return err[0]
 
 
-def runs_on(root, tmp_path, monkeypatch, *options) -> str:
+def runs_on(root, tmp_path, monkeypatch, *options, flags=()) -> str:
     """Runs main.main up to building the model; returns the log it wrote."""
 
     def stop(cfg):
@@ -72,7 +72,7 @@ def runs_on(root, tmp_path, monkeypatch, *options) -> str:
 
     monkeypatch.setattr(main, 'build_model', stop)
     with pytest.raises(ReachedModel):
-        main.main(main_args(root, tmp_path, *options))
+        main.main([*main_args(root, tmp_path, *options), *flags])
     return (tmp_path / 'out' / 'info.txt').read_text()
 
 
@@ -371,6 +371,36 @@ def test_coco_path_not_a_folder(tmp_path, capsys):
 def test_bad_high_bit_depth_rule(root, tmp_path, capsys):
     ends_with_one_line(root, tmp_path, capsys, 'high_bit_depth_limits = [99.0, 1.0]',
                        options=('high_bit_depth_limits=[99.0,1.0]',))
+
+
+# ------------------------------------------------------------------------------- --eval: the val split alone
+
+def eval_options(tmp_path) -> tuple[str, ...]:
+    """--eval with a weights file: the data check runs before the file is read (the model stops the run first)."""
+    weights = tmp_path / 'weights.pth'
+    weights.write_bytes(b'read after the data check')
+    return '--eval', '--pretrain_model_path', str(weights)
+
+
+def test_eval_without_a_train_split(root, tmp_path, monkeypatch):
+    import shutil
+    rgb_dir, ir_dir, annotation_file = split_paths(root, 'train')
+    shutil.rmtree(rgb_dir)
+    shutil.rmtree(ir_dir)
+    annotation_file.unlink()
+    log = runs_on(root, tmp_path, monkeypatch, flags=eval_options(tmp_path))
+    assert 'data check: val:' in log and 'data check: train' not in log
+
+
+def test_eval_ignores_a_bad_train_pair(root, tmp_path, monkeypatch):
+    image_path(root, 'train', 'ir', 3).write_bytes(b'junk')
+    assert 'infrared/train/000003.png' not in runs_on(root, tmp_path, monkeypatch, flags=eval_options(tmp_path))
+
+
+def test_eval_with_a_bad_val_pair(root, tmp_path, capsys):
+    image_path(root, 'val', 'rgb', 1).write_bytes(b'junk')
+    ends_with_one_line(root, tmp_path, capsys, 'in the val split', 'visible/test/000001.png',
+                       flags=eval_options(tmp_path))
 
 
 # ------------------------------------------------------------------------------------- the checker command

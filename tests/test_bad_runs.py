@@ -14,10 +14,13 @@ traceback. Bad data sets are catalogued in tests/test_bad_data.py; distributed r
 | config across keys | dn_labelbook_size < num_classes, num_feature_levels < levels, hidden_dim % nheads | the keys |
 | device | not a device name | the value |
 | checkpoint | missing, a directory, not a torch file, truncated, not a checkpoint dict, unsafe | the file |
+| checkpoint | a damaged entry (epoch, lr_scheduler, best, rng_state); a finished run with no epoch left | the file, the entry |
 | checkpoint | another architecture (--resume), CAFF file to --pretrain_model_coco, DINO file to | the file, the flag |
 |            | --pretrain_model_path | that fits |
 | output dir | holds a run (no --resume), is a file | the dir |
 | data | coco_path missing, fewer pairs than a batch, a pair failing inside a DataLoader worker | the path |
+| data | images the eval sizes make too small for the model (a 1x1 map under GroupNorm), fewer feature-map tokens than num_queries | the sizes, the keys |
+| config | all matching costs 0; a value a model constructor refuses | the keys |
 | run integrity | the weights diverge (NaN outputs) after a good epoch | the step; the last good checkpoint, kept |
 """
 import subprocess
@@ -102,6 +105,11 @@ def test_no_config_file(capsys):
 def test_resume_combined_with_a_pretrain_flag(capsys, data_root, tmp_path, cli):
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', 'a.pth', '--pretrain_model_path', 'b.pth'),
                        '--resume', '--pretrain_model_path', 'cannot be combined')
+
+
+def test_finetune_ignore_with_an_empty_substring(capsys, data_root, tmp_path, cli):
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--pretrain_model_path', 'a.pth', '--finetune_ignore',
+                                   ''), "--finetune_ignore ''", 'nothing would load')
 
 
 def test_eval_without_a_checkpoint(capsys, data_root, tmp_path, cli):
@@ -194,7 +202,9 @@ def test_hidden_dim_not_a_multiple_of_32(capsys, data_root, tmp_path, cli):
     (['dn_labelbook_size=2'], ('dn_labelbook_size=2', 'num_classes=3')),
     (['num_feature_levels=2'], ('num_feature_levels=2', 'return_interm_indices')),
     (['hidden_dim=64', 'nheads=3'], ('hidden_dim=64', 'nheads=3')),
-], ids=['dn_labelbook_size_vs_num_classes', 'levels_vs_returned_stages', 'hidden_dim_vs_nheads'])
+    (['set_cost_class=0', 'set_cost_bbox=0', 'set_cost_giou=0'], ('set_cost_class=0', 'set_cost_giou=0')),
+], ids=['dn_labelbook_size_vs_num_classes', 'levels_vs_returned_stages', 'hidden_dim_vs_nheads',
+        'all_matching_costs_zero'])
 def test_keys_that_contradict_each_other(capsys, data_root, tmp_path, cli, options, culprits):
     ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=options), *culprits)
 
@@ -251,6 +261,24 @@ def test_a_checkpoint_with_objects_beyond_weights(capsys, data_root, tmp_path, c
                        '--allow_unsafe_checkpoint')
 
 
+@pytest.mark.parametrize('key,value,culprit', [('epoch', 'zero', 'lr_scheduler / epoch entry is damaged'),
+                                               ('lr_scheduler', 5, 'lr_scheduler / epoch entry is damaged'),
+                                               ('best', {'metric': 'high'}, 'best entry is damaged'),
+                                               ('rng_state', [{'python': 1}], 'rng_state entry is damaged')])
+@pytest.mark.slow
+def test_a_training_checkpoint_with_a_damaged_entry(capsys, good_run, data_root, tmp_path, cli, key, value, culprit):
+    path = tmp_path / 'damaged.pth'
+    save_checkpoint({**load_checkpoint(str(good_run / 'checkpoint.pth')), key: value}, str(path))
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', str(path), options=['epochs=2']),
+                       'damaged.pth', culprit)
+
+
+@pytest.mark.slow
+def test_resume_of_a_run_with_no_epoch_left(capsys, good_run, data_root, tmp_path, cli):
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', '--resume', str(good_run / 'checkpoint.pth')),
+                       'completed epoch 0 and epochs=1', 'nothing is left to train', '--eval')
+
+
 def test_resume_from_a_checkpoint_of_another_architecture(capsys, data_root, tmp_path, cli, tiny_run_options):
     path = tmp_path / 'wide.pth'
     save_checkpoint({'model': tiny_state(tiny_run_options, hidden_dim=64), 'epoch': 0}, str(path))
@@ -302,6 +330,7 @@ def test_fewer_pairs_than_one_batch(capsys, data_root, tmp_path, cli):
                        '4 image pairs')
 
 
+@pytest.mark.slow
 def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_path, cli, monkeypatch):
     real_getitem = PairedCocoDataset.__getitem__
 
@@ -318,8 +347,33 @@ def test_a_pair_that_fails_inside_a_dataloader_worker(capsys, data_root, tmp_pat
     assert 'Traceback' not in line and 'DataLoader worker' not in line
 
 
+@pytest.mark.slow
+def test_more_queries_than_feature_map_tokens(capsys, data_root, tmp_path, cli):
+    # 96x128 training images give 192 + 48 + 12 + 4 = 256 tokens over the four levels: too few for 300 queries
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o', options=['num_queries=300']), '256 tokens',
+                       'num_queries=300', 'data_aug_scales')
+
+
+def test_a_model_constructor_that_refuses_a_config_value(capsys, data_root, tmp_path, cli, monkeypatch):
+    def refuse(cfg):
+        raise ValueError(f'caff_proj_dim={cfg.caff_proj_dim} does not fit')
+
+    monkeypatch.setattr(main, 'build_model', refuse)
+    ends_with_one_line(capsys, cli(data_root, tmp_path / 'o'), 'the model cannot be built from this config',
+                       'caff_proj_dim=')
+
+
+@pytest.mark.slow
+def test_eval_images_too_small_for_the_model(capsys, good_run, data_root, tmp_path, cli):
+    # 128x96 pairs resized to 64x48: the stride-64 level is 1x1, which GroupNorm(32, hidden_dim=32) refuses
+    argv = cli(data_root, tmp_path / 'o', '--eval', '--resume', str(good_run / 'checkpoint.pth'),
+               options=['eval_size=48', 'eval_max_size=64'])
+    ends_with_one_line(capsys, argv, '48x64 input gives a 1x1 map at the stride-64 level', 'eval_size')
+
+
 # ---------------------------------------------------------------------------------------------- run integrity
 
+@pytest.mark.slow
 def test_weights_that_diverge_after_a_good_epoch_keep_its_checkpoint(capsys, good_run, data_root, cli):
     kept = good_run / 'checkpoint.pth'
     before = kept.read_bytes()
@@ -331,6 +385,7 @@ def test_weights_that_diverge_after_a_good_epoch_keep_its_checkpoint(capsys, goo
     assert load_checkpoint(str(kept))['epoch'] == 0
 
 
+@pytest.mark.slow
 def test_a_bad_run_in_a_fresh_process_prints_one_line_and_no_traceback(data_root, tmp_path, cli):
     proc = subprocess.run([sys.executable, str(REPO / 'main.py'), *cli(data_root, tmp_path / 'o',
                                                                        options=['batch_size=0'])],

@@ -34,6 +34,7 @@ def test_measure_model_splits_the_forward(repo_root):
     assert result['params'] > 1e6 and result['rss_built_mb'] > 0 and result['peak_mb'] > 0
 
 
+@pytest.mark.slow
 def test_e2e_page_has_a_row_per_model_with_positive_numbers(tmp_path, capsys):
     out = tmp_path / 'e2e.md'
     argv = ['e2e', '--models', 'tiny', 'config/DINO/CAFF_tiny.py', '--height', '96', '--width', '128',
@@ -50,6 +51,7 @@ def test_e2e_page_has_a_row_per_model_with_positive_numbers(tmp_path, capsys):
         assert all(_number(c) > 0 for c in row[7:9])  # RSS after build, peak RSS
 
 
+@pytest.mark.slow
 def test_e2e_failure_is_one_line(capsys):
     assert benchmark.main(['e2e', '--models', 'config/DINO/no_such.py', '--repeats', '1']) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import build_model
+from util.errors import InputSizeError, UserError
 from util.misc import nested_tensor_from_tensor_list
 
 SIZE = (64, 80)
@@ -198,9 +199,10 @@ def test_64px_image_at_batch_size_one(tiny):
         assert model([rgb], [ir])['pred_logits'].shape == (1, tiny.num_queries, tiny.num_classes)
     tiny.hidden_dim = 32
     model = build(tiny)[0].eval()
-    with torch.no_grad(), pytest.raises(ValueError, match=r'64x64 input gives a 1x1 map at the stride-64 level.*'
-                                                          r'larger than 64x64 px'):
+    with torch.no_grad(), pytest.raises(InputSizeError, match=r'64x64 input gives a 1x1 map at the stride-64 '
+                                                              r'level.*larger than 64x64 px'):
         model([rgb], [ir])
+    assert issubclass(InputSizeError, UserError), 'a size the config chose: one line, exit 2'
     rgb, ir = image_pair(size=(64, 65))
     with torch.no_grad():
         assert torch.isfinite(model([rgb], [ir])['pred_logits']).all()
@@ -244,6 +246,7 @@ def synthetic_pairs(size=(64, 64)):
     return rgbs, irs, targets
 
 
+@pytest.mark.slow
 def test_overfits_two_pairs(tiny):
     tiny.freeze_backbones = True  # faster; CAFF, projections and transformer learn
     model, criterion, _ = build(tiny)

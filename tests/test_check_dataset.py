@@ -97,6 +97,7 @@ def test_bad_config_value_is_one_line(root, capsys, write_file):
     assert status == 2 and len(err.splitlines()) == 1 and "key 'high_bit_depth_rule' = 'clip' is not allowed" in err
 
 
+@pytest.mark.slow
 def test_runs_as_a_script_with_headers_only(root, tmp_path):
     path = image_path(root, 'val', 'ir', 2)
     path.write_bytes(path.read_bytes()[:300])  # cut after its header: only a decoding check notices

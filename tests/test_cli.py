@@ -27,3 +27,12 @@ def test_help_still_exits_zero(capsys):
     with pytest.raises(SystemExit) as info:
         parser().parse_args(['--help'])
     assert info.value.code == 0 and '--count' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('tool', ['predict', 'check_dataset', 'convert', 'export_onnx', 'plot_logs'])
+def test_every_tool_reports_a_bad_command_line_in_one_line(tool, capsys):
+    import importlib
+    main = importlib.import_module(f'tools.{tool}').main
+    assert main(['--no-such-flag']) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith('error: ') and '--help)' in err, err

@@ -61,6 +61,7 @@ def _assert_same(a: dict, b: dict, atol=1e-4):
     torch.testing.assert_close(a['boxes'], b['boxes'], atol=atol * 100, rtol=0)
 
 
+@pytest.mark.slow
 def test_boxes_are_the_evaluation_loops_detections_in_original_pixels(workspace, tmp_path):
     cfg = workspace['cfg']
     dataset = build_dataset('val', cfg)
@@ -84,6 +85,7 @@ def test_boxes_are_the_evaluation_loops_detections_in_original_pixels(workspace,
         np.testing.assert_allclose(result['boxes'].numpy(), expected, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_every_input_kind_gives_the_same_detections(workspace):
     det = workspace['detector']
     rgb_path, ir_path = _pair(workspace)
@@ -108,6 +110,7 @@ def test_every_input_kind_gives_the_same_detections(workspace):
         assert set(result) == {'boxes', 'scores', 'labels', 'names'}
 
 
+@pytest.mark.slow
 def test_lists_are_batched_and_give_one_dict_per_pair(workspace):
     det = workspace['detector']
     pairs = [_pair(workspace, i) for i in (1, 2, 3)]
@@ -122,6 +125,7 @@ def test_lists_are_batched_and_give_one_dict_per_pair(workspace):
         det.predict([pairs[0][0]], pairs[0][1])
 
 
+@pytest.mark.slow
 def test_threshold_and_names(workspace):
     det = workspace['detector']
     everything = det.predict(*_pair(workspace), score_threshold=0.0)
@@ -135,6 +139,7 @@ def test_threshold_and_names(workspace):
     assert det.class_names == names
 
 
+@pytest.mark.slow
 def test_missing_image_is_the_blank_image_with_one_warning(workspace):
     det = workspace['detector']
     rgb_path, ir_path = _pair(workspace)
@@ -175,6 +180,7 @@ def test_bad_inputs_are_user_errors(workspace):
         det.predict(rgb_path, PIL.Image.new('RGB', (80, 60)))
 
 
+@pytest.mark.slow
 def test_reference_checkpoint_with_args_namespace_loads(workspace, tmp_path):
     """A checkpoint of the reference code: weights (DDP ``module.`` prefix) and an argparse.Namespace of its run
     arguments, with keys this code base does not know, and no 'config' entry."""
@@ -194,6 +200,7 @@ def test_reference_checkpoint_with_args_namespace_loads(workspace, tmp_path):
     _assert_same({k: v[:len(expected['scores'])] for k, v in result.items() if k != 'names'}, expected)
 
 
+@pytest.mark.slow
 def test_checkpoint_errors(workspace, tmp_path, repo_root):
     with pytest.raises(CheckpointError, match='does not fit the model'):
         Detector.from_checkpoint(workspace['checkpoint'], repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', 'cpu')
@@ -213,6 +220,7 @@ def _readme_example(repo_root) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_readme_example_runs(workspace, tmp_path, monkeypatch, capsys, repo_root):
     code = _readme_example(repo_root)
     assert len(code.strip().splitlines()) <= 5

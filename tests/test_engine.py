@@ -49,6 +49,7 @@ def test_weighted_loss_uses_only_weighted_terms():
     assert weighted_loss(losses, {'loss_ce': 0.5, 'loss_bbox': 5.0}).item() == pytest.approx(6.0)
 
 
+@pytest.mark.slow
 def test_one_epoch_updates_the_model_and_returns_finite_averages(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -62,6 +63,7 @@ def test_one_epoch_updates_the_model_and_returns_finite_averages(setup):
     assert any(k.startswith('conv_corr') for k in changed) and any(k.startswith('transformer') for k in changed)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_names_epoch_step_and_terms(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -79,6 +81,7 @@ def test_non_finite_loss_names_epoch_step_and_terms(setup):
     assert torch.equal(model.state_dict()['class_embed.0.bias'], before), 'no step with a NaN loss'
 
 
+@pytest.mark.slow
 def test_evaluate_gives_coco_stats_and_writes_detections(setup, tmp_path):
     cfg, _, val_loader, base_ds = setup
     model, criterion, postprocessors, _ = build(cfg)
@@ -111,6 +114,7 @@ def _record_msda_calls(monkeypatch) -> list[dict]:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('amp_dtype, dtype', [('bfloat16', torch.bfloat16), ('float16', torch.float16)])
 def test_amp_on_cpu_trains_with_finite_loss_and_msda_in_fp32(setup, monkeypatch, amp_dtype, dtype):
     """A full training epoch (2 steps) under CPU autocast; float16 with a GradScaler, as on CUDA."""
@@ -144,6 +148,7 @@ def test_amp_dtype_auto_is_float16_with_a_scaler_on_cuda_and_bfloat16_on_cpu():
         amp_autocast_dtype(cpu, 'half')
 
 
+@pytest.mark.slow
 def test_train_one_epoch_updates_the_ema(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -155,6 +160,7 @@ def test_train_one_epoch_updates_the_ema(setup):
     assert not torch.equal(ema_bias, start) and not torch.equal(ema_bias, model.class_embed[0].bias)
 
 
+@pytest.mark.slow
 def test_nan_weights_stop_before_the_criterion_sees_the_outputs(setup):
     """A diverged weight makes every output NaN; the matcher and the DN box loss (generalized_box_iou) would raise
     a ValueError on them, so the check must come first and name the outputs."""
@@ -179,6 +185,7 @@ def test_non_finite_outputs_names_nested_tensors():
     assert non_finite_outputs({'pred_boxes': torch.ones(2, 4)}) == []
 
 
+@pytest.mark.slow
 def test_infinite_gradient_stops_before_the_optimizer_step(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)
@@ -205,6 +212,7 @@ class _BadSecondItem(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
+@pytest.mark.slow
 def test_a_data_error_in_a_worker_stays_a_one_line_user_error(setup):
     cfg, train_loader, _, _ = setup
     model, criterion, _, optimizer = build(cfg)

@@ -33,6 +33,7 @@ def test_matched_fraction_compares_rows_as_sets():
     assert export_onnx.matched_fraction(rows[:0], rows) == 1.0
 
 
+@pytest.mark.slow
 def test_minimum_side_is_the_largest_kernel_on_the_coarsest_level(tiny, repo_root):
     _, model, _ = tiny
     assert export_onnx.minimum_side(model) == 6 * 64 + 1  # kernel 7 on the stride-64 level
@@ -49,6 +50,7 @@ def test_minimum_side_is_the_largest_kernel_on_the_coarsest_level(tiny, repo_roo
     assert tuple(srcs[-1].shape[-2:]) == (7, 6)
 
 
+@pytest.mark.slow
 def test_wrapper_returns_the_models_outputs_and_top_k_in_input_pixels(tiny):
     cfg, model, postprocess = tiny
     rgb, ir = torch.randn(1, 3, 96, 128), torch.randn(1, 3, 96, 128)
@@ -66,6 +68,7 @@ def test_wrapper_returns_the_models_outputs_and_top_k_in_input_pixels(tiny):
     torch.testing.assert_close(xyxy[0], chosen * torch.tensor([128.0, 96.0, 128.0, 96.0]))
 
 
+@pytest.mark.slow
 def test_size_below_the_constraint_is_a_one_line_error(tmp_path, capsys, repo_root):
     argv = ['-c', str(repo_root / 'config' / 'DINO' / 'CAFF_tiny.py'), '--out', str(tmp_path / 'm.onnx'),
             '--height', '384', '--width', '512']

@@ -237,6 +237,7 @@ def test_fused_weights_are_kept_without_autograd_and_rebuilt_when_the_weights_ch
     assert len(module._fused) == entries
 
 
+@pytest.mark.slow
 def test_caff_dw_factors_the_large_branch_convs_and_keeps_the_interface():
     torch.manual_seed(0)
     fusion = build_fusion('caff_dw', proj_dim=4)

@@ -72,6 +72,7 @@ def test_with_pos_false_skips_the_encodings():
 
 
 @pytest.mark.parametrize('name', ['resnet18', 'swin_T_224_1k'])
+@pytest.mark.slow
 def test_odd_input_size_outputs_and_masks(name):
     """Any backbone family, an odd padded size and a smaller second image: ceil-sized maps, their encodings, and
     the padding mask nearest-resized to every level."""

@@ -102,6 +102,7 @@ def test_kaist_fusion_builds_the_kaist_dataset_and_its_evaluator(converted, tmp_
     assert build_benchmark_evaluator(llvip) is None and build_benchmark_evaluator(None) is None
 
 
+@pytest.mark.slow
 def test_train_once_then_eval_reports_miss_rate_all_day_night(converted, tmp_path, tiny_run_options):
     out = tmp_path / 'run'
     common = ['-c', str(REPO / TINY), '--dataset_file', 'kaist_fusion', '--coco_path', str(converted / 'data'),
@@ -116,6 +117,11 @@ def test_train_once_then_eval_reports_miss_rate_all_day_night(converted, tmp_pat
     assert (out / 'checkpoint_best_regular.pth').is_file()
     info = (out / 'info.txt').read_text()
     assert 'log-average miss rate MR^-2' in info and 'best 1 - MR^-2 (all)' in info
+    val_json = json.loads((converted / 'data' / 'coco_annotations' / 'val.json').read_text())
+    frames = {im['id'] for im in val_json['images']}
+    detections = json.loads((out / 'detections_bbox.json').read_text())
+    assert detections and {d['image_id'] for d in detections} <= frames, "the frame names, not the internal ints"
+    assert all(isinstance(d['image_id'], str) for d in detections)
 
     assert main.main([*common, '--eval', '--resume', str(out / 'checkpoint.pth'), '--options', *tiny_run_options]) == 0
     evaluated = json.loads((out / 'log.txt').read_text().splitlines()[-1])

@@ -89,6 +89,7 @@ def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monke
         main.resolve_device('gpu0')
 
 
+@pytest.mark.slow
 def test_train_eval_checkpoints_log_and_eval_reproduces(string_id_root, tmp_path, cli):
     out = tmp_path / 'run'
     assert main.main(cli(string_id_root, out, options=['epochs=1'])) == 0
@@ -112,6 +113,7 @@ def test_train_eval_checkpoints_log_and_eval_reproduces(string_id_root, tmp_path
     assert evaluated['test_coco_eval_bbox'] == pytest.approx(record['test_coco_eval_bbox'], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_from_last_complete_epoch(data_root, tmp_path, cli):
     out = tmp_path / 'killed'
     command = [sys.executable, str(REPO / 'main.py'), *cli(data_root, out, options=['epochs=50'])]
@@ -136,6 +138,7 @@ def test_kill_9_then_resume_continues_from_last_complete_epoch(data_root, tmp_pa
     assert epochs[-1] == resumed_from + 1 and epochs.count(resumed_from + 1) == 1
 
 
+@pytest.mark.slow
 def test_one_epoch_then_resume_equals_two_epochs_in_one_go(data_root, tmp_path, cli):
     whole, split = tmp_path / 'whole', tmp_path / 'split'
     assert main.main(cli(data_root, whole, options=['epochs=2'])) == 0
@@ -151,6 +154,7 @@ def test_one_epoch_then_resume_equals_two_epochs_in_one_go(data_root, tmp_path, 
     assert read_log(whole)[-1]['train_loss'] == read_log(split)[-1]['train_loss']
 
 
+@pytest.mark.slow
 def test_resume_applies_the_new_hyperparameters_and_records_them(data_root, tmp_path, cli):
     out = tmp_path / 'changed'
     assert main.main(cli(data_root, out, options=['epochs=1', 'lr=4e-4', 'lr_drop=8', 'weight_decay=1e-4'])) == 0
@@ -169,6 +173,7 @@ def test_resume_applies_the_new_hyperparameters_and_records_them(data_root, tmp_
     assert 'lr: 0.0004 -> 0.0001' in info and 'lr_drop: 8 -> 1' in info and 'weight_decay: 0.0001 -> 0.05' in info
 
 
+@pytest.mark.slow
 def test_ema_weights_are_evaluated_logged_and_kept(data_root, tmp_path, cli):
     out = tmp_path / 'ema'
     assert main.main(cli(data_root, out, options=['epochs=1', 'use_ema=True', 'ema_decay=0.5'])) == 0
@@ -185,6 +190,7 @@ def test_ema_weights_are_evaluated_logged_and_kept(data_root, tmp_path, cli):
     assert read_log(out)[-1]['test_coco_eval_bbox'] == pytest.approx(record['ema_test_coco_eval_bbox'], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_with_a_missing_modality_says_so_in_the_log_and_log_txt(data_root, tmp_path, cli, tiny_run_options):
     model, _, _ = build_model(load_config(REPO / TINY, tiny_run_options))
     checkpoint = str(tmp_path / 'random.pth')

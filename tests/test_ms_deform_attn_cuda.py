@@ -28,6 +28,7 @@ def triton_kernels():
     return kernels
 
 
+@pytest.mark.slow  # an nvcc build: minutes on a 2-core machine
 @pytest.mark.skipif(build.find_nvcc() is None, reason='no nvcc: the CUDA sources cannot be compiled here')
 def test_cuda_sources_compile_for_sm80_and_sm90():
     extension = build.load_cuda_extension(archs=['8.0', '9.0'])

@@ -45,10 +45,18 @@ def test_writes_a_png_with_two_runs(tmp_path):
 def test_malformed_line_is_reported_with_its_line_number(tmp_path, capsys):
     path = tmp_path / "log.txt"
     path.write_text('{"epoch": 0, "train_loss": 1.0}\nnot json\n')
-    assert main([str(path), "--out", str(tmp_path / "x.png")]) == 1
-    assert f"{path}:2: not a JSON line" in capsys.readouterr().err
+    assert main([str(path), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2: not a JSON line" in err and len(err.splitlines()) == 1
 
 
 def test_missing_log_is_reported(tmp_path, capsys):
-    assert main([str(tmp_path / "nope.txt")]) == 1
-    assert "no such log file" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "no such log file" in err and len(err.splitlines()) == 1
+
+
+def test_bad_command_line_is_one_line(capsys):
+    assert main(["--labels"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tools/plot_logs.py:") and len(err.splitlines()) == 1

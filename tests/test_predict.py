@@ -42,6 +42,7 @@ def _results(out) -> list[dict]:
     return json.loads((out / 'detections.json').read_text())
 
 
+@pytest.mark.slow
 def test_single_pair_side_by_side_png_and_results(workspace, tmp_path):
     data = workspace['data']
     out = tmp_path / 'single'
@@ -63,6 +64,7 @@ def test_single_pair_side_by_side_png_and_results(workspace, tmp_path):
     assert {c['name'] for c in index['categories']} == {'person', 'car'}
 
 
+@pytest.mark.slow
 def test_folder_mode_ids_in_name_order_and_batching_changes_nothing(workspace, tmp_path):
     data = workspace['data']
     argv = _common(workspace, tmp_path) + ['-c', str(workspace['config']), '--options',
@@ -88,6 +90,7 @@ def test_folder_mode_ids_in_name_order_and_batching_changes_nothing(workspace, t
         assert a['bbox'] == pytest.approx(b['bbox'], abs=1e-2)
 
 
+@pytest.mark.slow
 def test_split_mode_scores_against_the_annotations(workspace, tmp_path, capsys):
     out = tmp_path / 'split'
     assert predict.main(_common(workspace, out) + ['--split', 'val', '--coco_path', str(workspace['data'])]) == 0
@@ -120,6 +123,7 @@ def test_detections_below_threshold_are_not_drawn():
     assert canvas.getpixel((2, 6)) == (0, 0, 0)
 
 
+@pytest.mark.slow
 def test_image_without_partner_is_predicted_with_the_partner_missing_and_one_warning(workspace, tmp_path, capsys):
     data = workspace['data']
     rgb_dir, ir_dir = tmp_path / 'rgb', tmp_path / 'ir'
@@ -141,6 +145,7 @@ def test_image_without_partner_is_predicted_with_the_partner_missing_and_one_war
         assert (np.asarray(right) == 0).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_rgb_alone_predicts_with_the_thermal_image_missing(workspace, tmp_path, capsys):
     data = workspace['data']
     out = tmp_path / 'rgb_only'
@@ -196,6 +201,7 @@ def test_input_modes_are_exclusive(workspace, tmp_path, capsys):
     assert 'exactly one input' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_split_mode_keeps_string_image_ids(workspace, tmp_path, string_image_ids):
     data = tmp_path / 'string_ids'
     generate_synthetic_dataset(str(data), num_train=3, num_val=2, width=WIDTH, height=HEIGHT)

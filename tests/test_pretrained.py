@@ -102,5 +102,6 @@ def test_a_checkpoint_of_which_nothing_fits_is_an_error(tmp_path, tiny_config):
     model, _, _ = build_model(tiny_config())
     path = str(tmp_path / 'other.pth')
     save_checkpoint({'model': {'conv_corr.0.weight': torch.zeros(1), 'something.else': torch.zeros(2)}}, path)
-    with pytest.raises(CheckpointError, match='no tensor of it fits this model'):
+    with pytest.raises(CheckpointError, match=r'no tensor of it fits this model \(0 of another shape, 2 unknown '
+                                              r'keys, 0 left out by --finetune_ignore\)'):
         load_pretrained_caff(model, path)

@@ -90,6 +90,7 @@ def _randomise_norms(module):
 
 
 @pytest.mark.parametrize('name, indices', [('resnet18', [0, 1, 2, 3]), ('resnet50', [1, 2, 3])])
+@pytest.mark.slow
 def test_inference_folds_the_norms_into_the_convs_and_matches_the_autograd_path(name, indices):
     torch.manual_seed(0)
     backbone = ResNetBackbone(name, indices)

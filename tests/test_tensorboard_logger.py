@@ -29,6 +29,7 @@ def _train(tmp_path, *options, epochs: int = 2) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_event_files_hold_iteration_losses_lr_and_epoch_metrics(tmp_path):
     out = _train(tmp_path, 'tensorboard=True', 'batch_size=1')
     assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
@@ -60,6 +61,7 @@ def test_event_files_hold_iteration_losses_lr_and_epoch_metrics(tmp_path):
         assert f'| {name} |' in text
 
 
+@pytest.mark.slow
 def test_without_the_package_the_run_goes_on_and_says_so_once(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'tensorboard', None)  # `import tensorboard` raises ImportError
     monkeypatch.setattr(tensorboard_logger, '_warned_missing', False)

@@ -183,6 +183,7 @@ def write_reference_checkpoint(cfg, path: Path):
     return ref_model, ref_opt
 
 
+@pytest.mark.slow
 def test_a_reference_training_checkpoint_resumes_here(tmp_path, frozen_cfg):
     path = tmp_path / 'reference_checkpoint.pth'
     ref_model, ref_opt = write_reference_checkpoint(frozen_cfg, path)
@@ -197,6 +198,7 @@ def test_a_reference_training_checkpoint_resumes_here(tmp_path, frozen_cfg):
     train_step(model, criterion, optimizer)  # and training continues
 
 
+@pytest.mark.slow
 def test_the_reference_resumes_a_checkpoint_written_here(tmp_path, frozen_cfg):
     seed_everything(0)
     model, criterion, optimizer, scheduler = our_run(frozen_cfg)
@@ -219,6 +221,7 @@ def test_the_reference_resumes_a_checkpoint_written_here(tmp_path, frozen_cfg):
     train_step(ref_model, criterion, ref_opt)
 
 
+@pytest.mark.slow
 def test_main_resume_of_a_reference_checkpoint_continues_training(tmp_path, frozen_cfg, tiny_run_options):
     data = tmp_path / 'data'
     generate_synthetic_dataset(str(data), num_train=4, num_val=2, width=128, height=96)

@@ -228,6 +228,7 @@ def _recipe(modality_dropout):
                                    modality_dropout=modality_dropout)
 
 
+@pytest.mark.slow
 def test_modality_dropout_never_blanks_both_and_picks_each_image_about_half_the_time():
     dropout = T.ModalityDropout(1.0)
     rgb, ir, target = T.make_eval_transforms(128, 1333)(*make_pair())
@@ -244,6 +245,7 @@ def test_modality_dropout_never_blanks_both_and_picks_each_image_about_half_the_
     assert 160 < missing.count('rgb') < 240  # 400 fair draws: 200 +- 4 standard deviations
 
 
+@pytest.mark.slow
 def test_modality_dropout_rate():
     dropout = T.ModalityDropout(0.3)
     rgb, ir, target = T.make_eval_transforms(128, 1333)(*make_pair())

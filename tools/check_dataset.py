@@ -28,19 +28,13 @@ from datasets.check import SplitCheck, check_split, default_workers
 from datasets.images import BitDepthRule
 from datasets.layouts import DATASET_FILES, IMAGE_SETS, resolve_layout
 from datasets.problems import BAD_PAIR, ERROR
+from util.cli import ArgumentParser
 from util.config import load_config
 from util.errors import EXIT_USER_ERROR, DataError, UsageError, UserError, report_user_error
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line on stderr (exit status 2), like every other user error."""
-
-    def error(self, message: str):
-        sys.exit(report_user_error(UsageError(f'{self.prog}: {message} (see --help)')))
-
-
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser('check_dataset.py', description='Check a paired RGB + thermal data set.')
+    parser = ArgumentParser('check_dataset.py', description='Check a paired RGB + thermal data set.')
     parser.add_argument('--config_file', '-c', required=True, help='the config the training will use')
     parser.add_argument('--coco_path', help='data set root (default: the config value)')
     parser.add_argument('--dataset_file', help=f'one of {", ".join(DATASET_FILES)} (default: the config value)')
@@ -97,9 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(get_args_parser().parse_args(argv))
     except UserError as e:
         return report_user_error(e)
 

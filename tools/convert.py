@@ -21,6 +21,7 @@ if __package__ in (None, ''):  # run as ``python tools/convert.py``: make the re
 
 from tools.converters import flir, generic, kaist, m3fd
 from tools.converters.files import MODES
+from util.cli import ArgumentParser
 from util.errors import DataError, UserError, report_user_error
 
 
@@ -38,7 +39,7 @@ def _split_options(parser: argparse.ArgumentParser) -> None:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('convert.py', description=__doc__.split('\n')[0])
+    parser = ArgumentParser('convert.py', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
 
     p = commands.add_parser('kaist', help='KAIST (bbGt text or per-frame XML) -> kaist_fusion')
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_parser().parse_args(argv)
     try:
+        args = get_parser().parse_args(argv)
         report = run(args)
         print(report.text())
         if args.strict and report.skipped:

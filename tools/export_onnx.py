@@ -52,6 +52,7 @@ from torch import nn
 
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tools.detector import Detector
+from util.cli import ArgumentParser
 from util.config import load_config, parse_options
 from util.errors import UsageError, UserError, report_user_error
 from util.misc import NestedTensor
@@ -224,7 +225,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('tools/export_onnx.py', description=__doc__.splitlines()[0])
+    parser = ArgumentParser('tools/export_onnx.py', description=__doc__.splitlines()[0])
     parser.add_argument('--config_file', '-c', help='model config; default: the config saved in the checkpoint')
     parser.add_argument('--checkpoint', help='checkpoint of main.py (or of the reference); default: random weights')
     parser.add_argument('--out', required=True, help='the .onnx file to write')
@@ -300,8 +301,8 @@ def passed(report: dict) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
     try:
+        args = get_args_parser().parse_args(argv)
         report = run(args)
     except UserError as e:
         return report_user_error(e)

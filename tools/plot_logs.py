@@ -11,10 +11,15 @@ matplotlib is an optional dependency: only this tool imports it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+if __package__ in (None, ''):  # run as ``python tools/plot_logs.py``: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from util.cli import ArgumentParser
+from util.errors import DataError, UsageError, UserError, report_user_error
 
 LOSS_TERMS = ("train_loss_ce", "train_loss_bbox", "train_loss_giou")
 AP_NAMES = {0: "AP", 1: "AP50", 2: "AP75"}
@@ -87,20 +92,22 @@ def plot_logs(log_paths: list[Path], out_path: Path, labels: list[str] | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("tools/plot_logs.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", nargs="+", type=Path, help="log.txt files written by main.py")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: curves.png beside the first log)")
     parser.add_argument("--labels", nargs="+", default=None, help="one legend name per log")
-    args = parser.parse_args(argv)
-    out = args.out or args.logs[0].with_name("curves.png")
     try:
-        plot_logs(args.logs, out, args.labels)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"plot_logs: {err}", file=sys.stderr)
-        return 1
-    except ImportError:
-        print("plot_logs: matplotlib is not installed; `pip install matplotlib` (optional dependency)", file=sys.stderr)
-        return 1
+        args = parser.parse_args(argv)
+        out = args.out or args.logs[0].with_name("curves.png")
+        try:
+            plot_logs(args.logs, out, args.labels)
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"plot_logs: {err}") from None
+        except ImportError:
+            raise UsageError("plot_logs: matplotlib is not installed; `pip install matplotlib` (optional "
+                             "dependency)") from None
+    except UserError as err:
+        return report_user_error(err)
     print(f"wrote {out}")
     return 0
 

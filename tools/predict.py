@@ -56,6 +56,7 @@ from datasets.images import DEFAULT_BIT_DEPTH, BadPairError, BitDepthRule, read_
 from datasets.pairs import boxes_to_target, coco_from_dict
 from tools.detector import Detector, MissingModalityWarning, category_names, config_for_checkpoint, missing_summary
 from util.checkpoint import load_checkpoint
+from util.cli import ArgumentParser
 from util.config import parse_options
 from util.errors import UserError, report_user_error
 
@@ -239,7 +240,7 @@ def _print_progress(done: int, total: int) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('tools/predict.py', description=__doc__.splitlines()[0])
+    parser = ArgumentParser('tools/predict.py', description=__doc__.splitlines()[0])
     parser.add_argument('--config_file', '-c', help="model config; default: the config saved in the checkpoint")
     parser.add_argument('--checkpoint', required=True, help='checkpoint written by main.py (needs a "model" entry)')
     source = parser.add_argument_group('input (one of)')
@@ -313,9 +314,8 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
     try:
-        run(args)
+        run(get_args_parser().parse_args(argv))
     except UserError as e:
         return report_user_error(e)
     return 0

@@ -206,6 +206,10 @@ CROSS_RULES: tuple[Cross, ...] = (
     Cross(('num_select', 'num_queries', 'num_classes'),
           lambda c: c['num_select'] <= c['num_queries'] * c['num_classes'],
           'num_select must be <= num_queries * num_classes (the post-processor keeps the top num_select of them)'),
+    Cross(('set_cost_class', 'set_cost_bbox', 'set_cost_giou'),
+          lambda c: c['set_cost_class'] > 0 or c['set_cost_bbox'] > 0 or c['set_cost_giou'] > 0,
+          'at least one of set_cost_class, set_cost_bbox, set_cost_giou must be > 0 (the Hungarian matching has no '
+          'cost otherwise)'),
     Cross(('data_aug_scales2_crop',), lambda c: c['data_aug_scales2_crop'][0] <= c['data_aug_scales2_crop'][1],
           'data_aug_scales2_crop is [min, max] of the random crop side: min must be <= max'),
     Cross(('eval_max_size', 'eval_size'), lambda c: c['eval_max_size'] >= c['eval_size'],

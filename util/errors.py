@@ -28,6 +28,10 @@ class DataError(UserError, ValueError):
     """The data set named by the config cannot be used (wrong layout, missing or corrupt file, bad annotations)."""
 
 
+class InputSizeError(UserError, ValueError):
+    """An image too small for the model as configured (image-size keys, num_queries, hidden_dim decide it)."""
+
+
 def one_line(message: str) -> str:
     """``message`` folded onto one line (a user-error report is always a single line)."""
     return ' '.join(str(message).split())

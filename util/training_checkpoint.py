@@ -27,6 +27,7 @@ reference's ``args``) is reported ``old -> new``; keys that the loop reads each 
 ``clip_max_norm``, ``ema_decay``, ...) take the new value by themselves.
 """
 import argparse
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -140,6 +141,17 @@ def _mismatch(expected: dict, saved: dict) -> str:
     return ', '.join(parts)
 
 
+@contextlib.contextmanager
+def _damaged_entries(path: str, keys: str):
+    """A ``CheckpointError`` naming the file and ``keys`` for an entry that is not what a training checkpoint holds
+    (a wrong type or value raises inside torch's or our readers)."""
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f'--resume {path!r}: its {keys} entry is damaged ({type(e).__name__}: {e}); resume '
+                              'from another checkpoint of the run, or fine-tune with --pretrain_model_path') from None
+
+
 def resume_training(path: str, model: nn.Module, config: dict, optimizer=None, lr_scheduler=None, ema=None,
                     allow_unsafe: bool = False) -> ResumeState:
     """``--resume``: restore the model strictly and, when given, optimizer, scheduler and EMA; then apply
@@ -156,7 +168,8 @@ def resume_training(path: str, model: nn.Module, config: dict, optimizer=None, l
         raise CheckpointError(f'--resume {path!r} does not match the model ({mismatch}); was it saved with another '
                               'config? Resume with that config, or use --pretrain_model_path to fine-tune from it')
     unwrap_model(model).load_state_dict(saved, strict=True)
-    state = ResumeState(best=_load_best(checkpoint), rng_state=checkpoint.get('rng_state'))
+    with _damaged_entries(path, 'best'):
+        state = ResumeState(best=_load_best(checkpoint), rng_state=checkpoint.get('rng_state'))
     state.changes = [f'{key}: {old!r} -> {new!r}' for key, old, new in config_changes(saved_config(checkpoint),
                                                                                         config)]
     if ema is not None and isinstance(checkpoint.get('ema_model'), dict):
@@ -170,9 +183,10 @@ def resume_training(path: str, model: nn.Module, config: dict, optimizer=None, l
             raise CheckpointError(f'--resume {path!r}: its optimizer state does not fit this run ({e}); resume '
                                   'with the config it was trained with, or fine-tune with --pretrain_model_path') \
                 from None
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        with _damaged_entries(path, 'lr_scheduler / epoch'):
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            state.start_epoch = int(checkpoint['epoch']) + 1
         apply_hyperparameters(optimizer, lr_scheduler, config)
-        state.start_epoch = int(checkpoint['epoch']) + 1
     elif training:
         state.notes.append('the file holds no optimizer / lr_scheduler / epoch: training starts at epoch 0 with a '
                            'fresh optimizer')
