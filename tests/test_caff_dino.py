@@ -1,10 +1,12 @@
 """Tests for models/caff_dino.py on the tiny config (CPU): losses, DN, empty targets, routing, determinism, overfit."""
+import copy
 import math
 
 import pytest
 import torch
 
 from models import build_model
+from models.backbones.resnet import FrozenBatchNorm2d
 from util.errors import InputSizeError, UserError
 from util.misc import nested_tensor_from_tensor_list
 
@@ -121,6 +123,53 @@ def test_lists_and_nested_tensors_give_the_same_outputs(tiny):
         from_lists = model(rgb, ir)
         from_nested = model(nested_tensor_from_tensor_list(rgb), nested_tensor_from_tensor_list(ir))
     assert torch.equal(from_lists['pred_boxes'], from_nested['pred_boxes'])
+
+
+
+def _randomise_frozen_norms(model):
+    """Non-trivial FrozenBatchNorm2d statistics, so that folding them into the convolutions changes the weights."""
+    for norm in model.modules():
+        if isinstance(norm, FrozenBatchNorm2d):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0, 0.1)
+            norm.running_mean.normal_(0, 0.1)
+            norm.running_var.uniform_(0.5, 2)
+
+
+def _detections(outputs) -> dict[str, torch.Tensor]:
+    """The outputs that inference uses: last layer, every auxiliary layer and the encoder proposals."""
+    flat = {'pred_logits': outputs['pred_logits'], 'pred_boxes': outputs['pred_boxes']}
+    for i, aux in enumerate(outputs['aux_outputs']):
+        flat.update({f'aux{i}_{k}': v for k, v in aux.items()})
+    flat.update({f'interm_{k}': v for k, v in outputs['interm_outputs'].items()})
+    return flat
+
+
+@pytest.mark.parametrize('backbone, fusion_type', [('resnet18', 'caff'), ('resnet18', 'caff_dw'),
+                                                   pytest.param('resnet50', 'caff', marks=pytest.mark.slow)])
+def test_inference_speedups_give_the_outputs_of_the_plain_computation(tiny, backbone, fusion_type):
+    """End to end, in eval mode: the inference path (folded channels-last backbone, oneDNN fused conv/linear
+    kernels, fused CAFF q/k/v convolutions, cached derived weights) equals the training path, which composes
+    plain PyTorch ops with autograd, in float32 and in float64, within 1e-4."""
+    tiny.backbone, tiny.fusion_type = backbone, fusion_type
+    model, _, _ = build(tiny)
+    model.eval()
+    _randomise_frozen_norms(model)
+    assert any(p.requires_grad for p in model.backbone_visible.parameters())  # CAFF_tiny trains layer2-4
+    plain64 = copy.deepcopy(model).double()
+    gen = torch.Generator().manual_seed(3)
+    rgb, ir = torch.randn(1, 3, *SIZE, generator=gen), torch.randn(1, 3, *SIZE, generator=gen)
+    with torch.inference_mode():
+        fast = _detections(model(rgb, ir))
+    assert len(model.backbone_visible[0]._folded) > 0  # the shortcut did run
+    with torch.enable_grad():
+        plain = _detections(model(rgb, ir))
+        exact = _detections(plain64(rgb.double(), ir.double()))
+    assert plain['pred_logits'].requires_grad and len(plain64.backbone_visible[0]._folded) == 0
+    for name, want in exact.items():
+        for path, got in (('inference', fast[name]), ('training', plain[name].detach())):
+            torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=1e-4,
+                                       msg=lambda m: f'{path} path, {name}: {m}')
 
 
 @pytest.mark.parametrize('query_modality', ['ir', 'rgb'])

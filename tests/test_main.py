@@ -89,6 +89,15 @@ def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monke
         main.resolve_device('gpu0')
 
 
+def test_demo_options_apply_to_the_demo_only_and_yield_to_the_command_line():
+    demo = main.load_run_config(main.get_args_parser().parse_args(['--demo']))
+    assert all(getattr(demo, k) == v for k, v in main.DEMO_OPTIONS.items())
+    overridden = main.load_run_config(main.get_args_parser().parse_args(['--demo', '--options', 'ema_decay=0.9']))
+    assert overridden.ema_decay == 0.9 and overridden.use_ema
+    plain = main.load_run_config(main.get_args_parser().parse_args(['-c', main.DEMO_CONFIG]))
+    assert not plain.use_ema, "CAFF_tiny.py itself (the tests' config) keeps the EMA off"
+
+
 @pytest.mark.slow
 def test_train_eval_checkpoints_log_and_eval_reproduces(string_id_root, tmp_path, cli):
     out = tmp_path / 'run'
