@@ -1,5 +1,6 @@
 """tools/fusion_study.py: rows, recall by visibility, the ceiling with one image missing (against COCOeval), the
-summary and the issue-11 targets; and a whole study on a minuscule budget, resumed after a kill."""
+summary and the issue-11 targets; and a whole study on a minuscule budget, resumed after a kill and written from
+the finished runs only (``--finished-only``)."""
 import json
 import statistics
 
@@ -152,6 +153,13 @@ def test_minuscule_study_end_to_end_and_resumed_after_a_kill(tmp_path, capsys):
         path.unlink()
     killed.rmdir()
     capsys.readouterr()
+    # --finished-only trains nothing and writes the page from the three runs left, naming the missing one.
+    assert fusion_study.main(argv + ['--finished-only']) == 0
+    assert ': training' not in capsys.readouterr().err and not killed.exists()
+    partial = out.read_text()
+    assert '**Partial: 3 of 4 runs finished (not trained: `ir_only` seed 2)' in partial
+    assert _page_rows(partial, '| row | AP, both images')[0] == rows[0]
+    assert all('(n=1)' in cell for cell in _page_rows(partial, '| row | AP, both images')[1][1:])
     assert fusion_study.main(argv) == 0
     err = capsys.readouterr().err
     assert err.count(': training') == 1 and f'{killed.name}: training' in err and err.count('reused') == 3

@@ -25,7 +25,9 @@ without dropout.
 
 Resumable: a run whose ``log.txt`` holds every epoch is reused, an interrupted one resumed from its
 ``checkpoint.pth``, and each evaluation is cached in the run folder (``eval_<condition>.json``), so a killed study
-restarted with the same command keeps every finished run. The page is rewritten after every run.
+restarted with the same command keeps every finished run. The page is rewritten after every run. With
+``--finished-only`` nothing is trained: the page is written from the runs of the grid already trained in the work
+dir (by earlier or concurrent invocations with the same budget) and names the runs left out.
 """
 import argparse
 import datetime
@@ -351,7 +353,8 @@ def target_lines(summary: dict) -> list[str]:
 
 
 def page_body(args: argparse.Namespace, rows: list[Row], summary: dict, gt: dict, data: Path, machine: str,
-              started: datetime.datetime, done: int, total: int, seconds: dict[Row, list[float]]) -> str:
+              started: datetime.datetime, done: int, total: int, seconds: dict[Row, list[float]],
+              left_out: list[str] = ()) -> str:
     counts = recall_by_visibility(gt, [], 1.0)
     train_pairs = len(json.loads((data / 'coco_annotations' / 'LLVIP_train.json').read_text())['images'])
     objects = ', '.join(f'{v}: {counts[v][1]}' for v in VISIBILITIES)
@@ -364,8 +367,9 @@ def page_body(args: argparse.Namespace, rows: list[Row], summary: dict, gt: dict
     minutes = '; '.join(f'{row.label} {statistics.fmean(s) / 60:.1f} min' for row, s in seconds.items() if s)
     extra = f' and `--options {" ".join(args.options)}`' if args.options else ''
     status = ('' if done == total else
-              f'**In progress: {done} of {total} runs finished; cells marked (n=k) have k of {len(args.seeds)} '
-              'seeds.**\n\n')
+              f'**{"Partial" if left_out else "In progress"}: {done} of {total} runs finished'
+              + (f' (not trained: {"; ".join(left_out)})' if left_out else '')
+              + f'; cells marked (n=k) have k of {len(args.seeds)} seeds.**\n\n')
     parts = [
         f'{status}Started {started:%Y-%m-%d %H:%M} UTC with `{command_line("tools/fusion_study.py", args.argv)}`; '
         f'page written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.', '',
@@ -419,6 +423,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='config overrides for every run, e.g. lr_drop=4')
     parser.add_argument('--work-dir', default='outputs/robustness', help='data and runs (default outputs/robustness)')
     parser.add_argument('--out', help='also write the Markdown page here, e.g. docs/benchmarks/modality_robustness.md')
+    parser.add_argument('--finished-only', action='store_true',
+                        help='train nothing: write the page from the runs already trained in --work-dir')
     parser.add_argument('--title', default='Missing-modality robustness on the synthetic RGB/IR data set',
                         help='title of the page')
     return parser
@@ -437,6 +443,12 @@ def run_study(args: argparse.Namespace) -> dict:
     results: dict[Row, list[dict]] = {row: [] for row in rows}
     seconds: dict[Row, list[float]] = {row: [] for row in rows}
     runs = [(seed, row) for seed in args.seeds for row in rows]  # seed-major: a partial table has every row
+    total, left_out = len(runs), []
+    if args.finished_only:
+        trained = [(seed, row) for seed, row in runs
+                   if len(completed_epochs(work / run_name(row, seed, data, args) / 'log.txt')) >= args.epochs]
+        left_out = [f'{row.label} seed {seed}' for seed, row in runs if (seed, row) not in trained]
+        runs = trained
     summary = {}
     pool = ThreadPoolExecutor(max_workers=args.jobs)  # threads only wait for the main.py subprocesses
     try:
@@ -448,7 +460,7 @@ def run_study(args: argparse.Namespace) -> dict:
             results[row].append(evaluate_run(out, list(args.missing), gt, args.score_threshold, args.device))
             seconds[row].append(train_seconds(out))
             summary = summarise(rows, results, list(args.missing))
-            body = page_body(args, rows, summary, gt, data, machine, started, done, len(runs), seconds)
+            body = page_body(args, rows, summary, gt, data, machine, started, done, total, seconds, left_out)
             write_page(args.out, args.title, body, echo=done == len(runs))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
