@@ -13,7 +13,9 @@ budget, data and seeds: ``config/DINO/CAFF_tiny.py`` from scratch by ``main.py``
 ``--threads`` torch threads, ``--jobs`` of them at a time, every other key the same, ``--options`` added to all),
 on the synthetic data set (``datasets/synthetic.py``, generated into the work dir when absent). The checkpoint
 after the last epoch is then evaluated once per ``--missing`` condition (``eval_missing_modality``: 'none', 'rgb',
-'ir'), in this process, through the same ``build_dataset`` / ``engine.evaluate`` path as ``main.py --eval``.
+'ir'), in this process, through the same ``build_dataset`` / ``engine.evaluate`` path as ``main.py --eval``;
+with both images ('none') it is the evaluation ``main.py`` itself ran after the last epoch (its ``log.txt`` record
+and ``detections_bbox.json``), not run a second time.
 
 The page has, per row and condition, COCO AP / AP50 as mean +- sample standard deviation over the seeds; recall at
 IoU 0.5 (detections of score >= ``--score-threshold``, matched one-to-one per class in score order) split by the
@@ -216,15 +218,42 @@ def ceiling_ap(gt: dict, missing: str) -> float:
     return float(np.mean(per_class)) if per_class else float('nan')
 
 
+def _cache(out: Path, condition: str, result: dict) -> None:
+    partial = out / f'eval_{condition}.json.tmp'  # renamed when complete: a kill leaves no torn cache
+    partial.write_text(json.dumps(result))
+    os.replace(partial, out / f'eval_{condition}.json')
+
+
+def training_evaluation(out: Path, gt: dict, score_threshold: float) -> dict | None:
+    """The 'none' result from ``main.py``'s own evaluation after the last epoch (with both images), or None.
+
+    That evaluation ran on the weights saved in ``checkpoint.pth`` and wrote ``detections_bbox.json``; it is used
+    only when its ``log.txt`` record says no modality was missing and the detections are no older than it.
+    """
+    records, detections = completed_epochs(out / 'log.txt'), out / 'detections_bbox.json'
+    if not records or not detections.is_file() or records[-1].get('test_missing_modality', 'none') != 'none':
+        return None
+    if detections.stat().st_mtime > (out / 'log.txt').stat().st_mtime:  # written by a later --eval run
+        return None
+    recall = recall_by_visibility(gt, json.loads(detections.read_text()), score_threshold)
+    return {'ap': records[-1]['test_coco_eval_bbox'][:3], 'epoch': int(records[-1]['epoch']),
+            'recall': {v: list(recall[v]) for v in VISIBILITIES}}
+
+
 def evaluate_run(out: Path, conditions: list[str], gt: dict, score_threshold: float, device: str) -> dict:
     """``{condition: {'ap': [AP, AP50, AP75], 'recall': {visibility: [found, total]}}}`` of ``out/checkpoint.pth``.
 
-    Conditions already evaluated are read from ``out/eval_<condition>.json``; the others are computed here with
-    the run's own config (from the checkpoint) and ``eval_missing_modality=<condition>``, then cached.
+    Conditions already evaluated are read from ``out/eval_<condition>.json``; 'none' is taken from the training
+    run's last evaluation (:func:`training_evaluation`) where it can be; the others are computed here with the
+    run's own config (from the checkpoint) and ``eval_missing_modality=<condition>``. All are cached.
     """
     results, todo = {}, []
     for condition in conditions:
         cached = out / f'eval_{condition}.json'
+        reused = training_evaluation(out, gt, score_threshold) if condition == 'none' and not cached.is_file() \
+            else None
+        if reused is not None:
+            _cache(out, condition, reused)
         if cached.is_file():
             results[condition] = json.loads(cached.read_text())
         else:
@@ -256,9 +285,7 @@ def evaluate_run(out: Path, conditions: list[str], gt: dict, score_threshold: fl
         recall = recall_by_visibility(gt, evaluator.results, score_threshold)
         results[condition] = {'ap': stats['coco_eval_bbox'][:3], 'epoch': int(checkpoint['epoch']),
                               'recall': {v: list(recall[v]) for v in VISIBILITIES}}
-        partial = out / f'eval_{condition}.json.tmp'  # renamed when complete: a kill leaves no torn cache
-        partial.write_text(json.dumps(results[condition]))
-        os.replace(partial, out / f'eval_{condition}.json')
+        _cache(out, condition, results[condition])
     return results
 
 
