@@ -1,6 +1,8 @@
 """tools/fusion_study.py: rows, recall by visibility, the ceiling with one image missing (against COCOeval), the
-summary and the issue-11 targets; and a whole study on a minuscule budget, resumed after a kill."""
+summary and the issue-11 targets; and a whole study on a minuscule budget, resumed after a kill and written from
+the finished runs only (``--finished-only``)."""
 import json
+import os
 import statistics
 
 import numpy as np
@@ -50,6 +52,26 @@ def test_recall_by_visibility_matches_one_to_one_per_class():
     ]
     recall = fusion_study.recall_by_visibility(gt, detections, score_threshold=0.3)
     assert recall == {'both': (1, 1), 'rgb': (0, 1), 'ir': (1, 2)}
+
+
+def test_both_images_result_is_the_training_runs_own_last_evaluation(tmp_path):
+    gt = {'annotations': [_ann(1, 1, [0, 0, 10, 10], 'both'), _ann(2, 1, [50, 50, 10, 10], 'ir')]}
+    run = tmp_path / 'run'
+    run.mkdir()
+    assert fusion_study.training_evaluation(run, gt, 0.3) is None, 'no log.txt'
+    detections = [{'image_id': 1, 'category_id': 1, 'bbox': [0, 0, 10, 10], 'score': 0.9}]
+    (run / 'detections_bbox.json').write_text(json.dumps(detections))
+    record = {'epoch': 4, 'test_coco_eval_bbox': [0.4, 0.5, 0.3] + [0.0] * 9, 'test_missing_modality': 'none'}
+    (run / 'log.txt').write_text(json.dumps({'epoch': 3}) + '\n' + json.dumps(record) + '\n')
+    assert fusion_study.training_evaluation(run, gt, 0.3) == {
+        'ap': [0.4, 0.5, 0.3], 'epoch': 4, 'recall': {'both': [1, 1], 'rgb': [0, 0], 'ir': [0, 1]}}
+    assert fusion_study.training_evaluation(run, gt, 0.95)['recall']['both'] == [0, 1]
+    (run / 'log.txt').write_text(json.dumps({**record, 'test_missing_modality': 'ir'}) + '\n')
+    assert fusion_study.training_evaluation(run, gt, 0.3) is None, 'the training run evaluated with IR missing'
+    (run / 'log.txt').write_text(json.dumps(record) + '\n')
+    stamp = (run / 'log.txt').stat().st_mtime
+    os.utime(run / 'detections_bbox.json', (stamp + 10, stamp + 10))
+    assert fusion_study.training_evaluation(run, gt, 0.3) is None, 'detections of a later --eval run'
 
 
 @pytest.mark.parametrize('missing', ['none', 'rgb', 'ir'])
@@ -141,7 +163,7 @@ def test_minuscule_study_end_to_end_and_resumed_after_a_kill(tmp_path, capsys):
     assert len(run_dirs) == 4
     for run in run_dirs:
         assert {p.name for p in run.glob('eval_*.json')} == {'eval_none.json', 'eval_rgb.json', 'eval_ir.json'}
-        # the tool's evaluation with both images is main.py's own evaluation of the last epoch
+        # with both images the result is main.py's own evaluation of the last epoch, not a second one
         last = [json.loads(line) for line in (run / 'log.txt').read_text().splitlines()][-1]
         cached = json.loads((run / 'eval_none.json').read_text())
         assert cached['ap'] == pytest.approx(last['test_coco_eval_bbox'][:3], abs=1e-9)
@@ -152,6 +174,13 @@ def test_minuscule_study_end_to_end_and_resumed_after_a_kill(tmp_path, capsys):
         path.unlink()
     killed.rmdir()
     capsys.readouterr()
+    # --finished-only trains nothing and writes the page from the three runs left, naming the missing one.
+    assert fusion_study.main(argv + ['--finished-only']) == 0
+    assert ': training' not in capsys.readouterr().err and not killed.exists()
+    partial = out.read_text()
+    assert '**Partial: 3 of 4 runs finished (not trained: `ir_only` seed 2)' in partial
+    assert _page_rows(partial, '| row | AP, both images')[0] == rows[0]
+    assert all('(n=1)' in cell for cell in _page_rows(partial, '| row | AP, both images')[1][1:])
     assert fusion_study.main(argv) == 0
     err = capsys.readouterr().err
     assert err.count(': training') == 1 and f'{killed.name}: training' in err and err.count('reused') == 3

@@ -62,13 +62,15 @@ class Sleeper(torch.nn.Module):
 
 
 def test_part_timer_sums_each_group_per_forward_and_clears():
-    a, b, c = Sleeper(0.02), Sleeper(0.01), Sleeper(0.0)
+    a, b, c = Sleeper(0.06), Sleeper(0.03), Sleeper(0.0)
     timer = PartTimer({'ab': [a, b], 'c': [c]})
     x = torch.zeros(1)
-    a(b(a(x)))  # one "forward": a twice, b once
+    a(b(a(x)))  # one "forward": a twice, b once = 0.15 s of sleep
     c(x)
     first = timer.take()
-    assert first['ab'] == pytest.approx(0.05, abs=0.03) and first['ab'] >= 0.05
+    # at least every call's sleep (fewer calls: <= 0.09 s), and below any double count (>= 0.3 s); the margin
+    # absorbs late wake-ups on a loaded machine
+    assert 0.15 <= first['ab'] < 0.3
     assert 0 <= first['c'] < first['ab']
     assert timer.take() == {'ab': 0.0, 'c': 0.0}, 'take() clears the record'
     timer.remove()

@@ -13,7 +13,9 @@ budget, data and seeds: ``config/DINO/CAFF_tiny.py`` from scratch by ``main.py``
 ``--threads`` torch threads, ``--jobs`` of them at a time, every other key the same, ``--options`` added to all),
 on the synthetic data set (``datasets/synthetic.py``, generated into the work dir when absent). The checkpoint
 after the last epoch is then evaluated once per ``--missing`` condition (``eval_missing_modality``: 'none', 'rgb',
-'ir'), in this process, through the same ``build_dataset`` / ``engine.evaluate`` path as ``main.py --eval``.
+'ir'), in this process, through the same ``build_dataset`` / ``engine.evaluate`` path as ``main.py --eval``;
+with both images ('none') it is the evaluation ``main.py`` itself ran after the last epoch (its ``log.txt`` record
+and ``detections_bbox.json``), not run a second time.
 
 The page has, per row and condition, COCO AP / AP50 as mean +- sample standard deviation over the seeds; recall at
 IoU 0.5 (detections of score >= ``--score-threshold``, matched one-to-one per class in score order) split by the
@@ -25,7 +27,9 @@ without dropout.
 
 Resumable: a run whose ``log.txt`` holds every epoch is reused, an interrupted one resumed from its
 ``checkpoint.pth``, and each evaluation is cached in the run folder (``eval_<condition>.json``), so a killed study
-restarted with the same command keeps every finished run. The page is rewritten after every run.
+restarted with the same command keeps every finished run. The page is rewritten after every run. With
+``--finished-only`` nothing is trained: the page is written from the runs of the grid already trained in the work
+dir (by earlier or concurrent invocations with the same budget) and names the runs left out.
 """
 import argparse
 import datetime
@@ -214,15 +218,42 @@ def ceiling_ap(gt: dict, missing: str) -> float:
     return float(np.mean(per_class)) if per_class else float('nan')
 
 
+def _cache(out: Path, condition: str, result: dict) -> None:
+    partial = out / f'eval_{condition}.json.tmp'  # renamed when complete: a kill leaves no torn cache
+    partial.write_text(json.dumps(result))
+    os.replace(partial, out / f'eval_{condition}.json')
+
+
+def training_evaluation(out: Path, gt: dict, score_threshold: float) -> dict | None:
+    """The 'none' result from ``main.py``'s own evaluation after the last epoch (with both images), or None.
+
+    That evaluation ran on the weights saved in ``checkpoint.pth`` and wrote ``detections_bbox.json``; it is used
+    only when its ``log.txt`` record says no modality was missing and the detections are no older than it.
+    """
+    records, detections = completed_epochs(out / 'log.txt'), out / 'detections_bbox.json'
+    if not records or not detections.is_file() or records[-1].get('test_missing_modality', 'none') != 'none':
+        return None
+    if detections.stat().st_mtime > (out / 'log.txt').stat().st_mtime:  # written by a later --eval run
+        return None
+    recall = recall_by_visibility(gt, json.loads(detections.read_text()), score_threshold)
+    return {'ap': records[-1]['test_coco_eval_bbox'][:3], 'epoch': int(records[-1]['epoch']),
+            'recall': {v: list(recall[v]) for v in VISIBILITIES}}
+
+
 def evaluate_run(out: Path, conditions: list[str], gt: dict, score_threshold: float, device: str) -> dict:
     """``{condition: {'ap': [AP, AP50, AP75], 'recall': {visibility: [found, total]}}}`` of ``out/checkpoint.pth``.
 
-    Conditions already evaluated are read from ``out/eval_<condition>.json``; the others are computed here with
-    the run's own config (from the checkpoint) and ``eval_missing_modality=<condition>``, then cached.
+    Conditions already evaluated are read from ``out/eval_<condition>.json``; 'none' is taken from the training
+    run's last evaluation (:func:`training_evaluation`) where it can be; the others are computed here with the
+    run's own config (from the checkpoint) and ``eval_missing_modality=<condition>``. All are cached.
     """
     results, todo = {}, []
     for condition in conditions:
         cached = out / f'eval_{condition}.json'
+        reused = training_evaluation(out, gt, score_threshold) if condition == 'none' and not cached.is_file() \
+            else None
+        if reused is not None:
+            _cache(out, condition, reused)
         if cached.is_file():
             results[condition] = json.loads(cached.read_text())
         else:
@@ -254,9 +285,7 @@ def evaluate_run(out: Path, conditions: list[str], gt: dict, score_threshold: fl
         recall = recall_by_visibility(gt, evaluator.results, score_threshold)
         results[condition] = {'ap': stats['coco_eval_bbox'][:3], 'epoch': int(checkpoint['epoch']),
                               'recall': {v: list(recall[v]) for v in VISIBILITIES}}
-        partial = out / f'eval_{condition}.json.tmp'  # renamed when complete: a kill leaves no torn cache
-        partial.write_text(json.dumps(results[condition]))
-        os.replace(partial, out / f'eval_{condition}.json')
+        _cache(out, condition, results[condition])
     return results
 
 
@@ -351,7 +380,8 @@ def target_lines(summary: dict) -> list[str]:
 
 
 def page_body(args: argparse.Namespace, rows: list[Row], summary: dict, gt: dict, data: Path, machine: str,
-              started: datetime.datetime, done: int, total: int, seconds: dict[Row, list[float]]) -> str:
+              started: datetime.datetime, done: int, total: int, seconds: dict[Row, list[float]],
+              left_out: list[str] = ()) -> str:
     counts = recall_by_visibility(gt, [], 1.0)
     train_pairs = len(json.loads((data / 'coco_annotations' / 'LLVIP_train.json').read_text())['images'])
     objects = ', '.join(f'{v}: {counts[v][1]}' for v in VISIBILITIES)
@@ -364,8 +394,9 @@ def page_body(args: argparse.Namespace, rows: list[Row], summary: dict, gt: dict
     minutes = '; '.join(f'{row.label} {statistics.fmean(s) / 60:.1f} min' for row, s in seconds.items() if s)
     extra = f' and `--options {" ".join(args.options)}`' if args.options else ''
     status = ('' if done == total else
-              f'**In progress: {done} of {total} runs finished; cells marked (n=k) have k of {len(args.seeds)} '
-              'seeds.**\n\n')
+              f'**{"Partial" if left_out else "In progress"}: {done} of {total} runs finished'
+              + (f' (not trained: {"; ".join(left_out)})' if left_out else '')
+              + f'; cells marked (n=k) have k of {len(args.seeds)} seeds.**\n\n')
     parts = [
         f'{status}Started {started:%Y-%m-%d %H:%M} UTC with `{command_line("tools/fusion_study.py", args.argv)}`; '
         f'page written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.', '',
@@ -419,6 +450,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='config overrides for every run, e.g. lr_drop=4')
     parser.add_argument('--work-dir', default='outputs/robustness', help='data and runs (default outputs/robustness)')
     parser.add_argument('--out', help='also write the Markdown page here, e.g. docs/benchmarks/modality_robustness.md')
+    parser.add_argument('--finished-only', action='store_true',
+                        help='train nothing: write the page from the runs already trained in --work-dir')
     parser.add_argument('--title', default='Missing-modality robustness on the synthetic RGB/IR data set',
                         help='title of the page')
     return parser
@@ -437,6 +470,12 @@ def run_study(args: argparse.Namespace) -> dict:
     results: dict[Row, list[dict]] = {row: [] for row in rows}
     seconds: dict[Row, list[float]] = {row: [] for row in rows}
     runs = [(seed, row) for seed in args.seeds for row in rows]  # seed-major: a partial table has every row
+    total, left_out = len(runs), []
+    if args.finished_only:
+        trained = [(seed, row) for seed, row in runs
+                   if len(completed_epochs(work / run_name(row, seed, data, args) / 'log.txt')) >= args.epochs]
+        left_out = [f'{row.label} seed {seed}' for seed, row in runs if (seed, row) not in trained]
+        runs = trained
     summary = {}
     pool = ThreadPoolExecutor(max_workers=args.jobs)  # threads only wait for the main.py subprocesses
     try:
@@ -448,7 +487,7 @@ def run_study(args: argparse.Namespace) -> dict:
             results[row].append(evaluate_run(out, list(args.missing), gt, args.score_threshold, args.device))
             seconds[row].append(train_seconds(out))
             summary = summarise(rows, results, list(args.missing))
-            body = page_body(args, rows, summary, gt, data, machine, started, done, len(runs), seconds)
+            body = page_body(args, rows, summary, gt, data, machine, started, done, total, seconds, left_out)
             write_page(args.out, args.title, body, echo=done == len(runs))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
