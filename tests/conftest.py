@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors only through the interpreter; its mode is fixed
+    os.environ.setdefault('TRITON_INTERPRET', '1')  # when a module first decorates a kernel, whichever test imports it
+
 from util.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -139,7 +139,8 @@ def test_under_torchrun_a_bad_run_prints_one_error_line(tmp_path, data, tiny_run
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and 'hidden_dim' in lines[0]
     # the rest is torchrun's own report (its launcher traceback and a summary), with no frame of our code in it
-    assert proc.stderr.count('exitcode  : 2') == 2, 'both ranks exited with the user-error status'
+    # every rank raises the error; torchrun reports the first rank to exit with 2 and may stop the other one first
+    assert proc.stderr.count('exitcode  : 2') >= 1, 'a rank exited with the user-error status'
     assert not re.search(rf'File "{re.escape(str(REPO))}/(?!\.venv/)', proc.stderr), proc.stderr
 
 
