@@ -279,6 +279,7 @@ def test_resume_of_a_run_with_no_epoch_left(capsys, good_run, data_root, tmp_pat
                        'completed epoch 0 and epochs=1', 'nothing is left to train', '--eval')
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_of_another_architecture(capsys, data_root, tmp_path, cli, tiny_run_options):
     path = tmp_path / 'wide.pth'
     save_checkpoint({'model': tiny_state(tiny_run_options, hidden_dim=64), 'epoch': 0}, str(path))
@@ -286,6 +287,7 @@ def test_resume_from_a_checkpoint_of_another_architecture(capsys, data_root, tmp
                        'does not match the model', '--pretrain_model_path')
 
 
+@pytest.mark.slow
 def test_a_caff_checkpoint_given_as_the_coco_pretrained_model(capsys, data_root, tmp_path, cli, tiny_run_options):
     path = tmp_path / 'caff_llvip.pth'
     save_checkpoint({'model': tiny_state(tiny_run_options)}, str(path))

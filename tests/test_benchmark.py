@@ -66,6 +66,7 @@ def test_moved_sub_commands_name_their_tool(command, tool, capsys):
     assert line.startswith(f'error: `tools/benchmark.py {command}` is now `python {tool} ')
 
 
+@pytest.mark.slow
 def test_e2e_restores_the_thread_count(tmp_path):
     previous = torch.get_num_threads()
     argv = ['e2e', '--models', 'config/DINO/no_such.py', '--repeats', '1', '--threads', str(previous + 1)]

@@ -147,6 +147,7 @@ def _detections(outputs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize('backbone, fusion_type', [('resnet18', 'caff'), ('resnet18', 'caff_dw'),
                                                    pytest.param('resnet50', 'caff', marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_inference_speedups_give_the_outputs_of_the_plain_computation(tiny, backbone, fusion_type):
     """End to end, in eval mode: the inference path (folded channels-last backbone, oneDNN fused conv/linear
     kernels, fused CAFF q/k/v convolutions, cached derived weights) equals the training path, which composes
@@ -238,6 +239,7 @@ def test_two_stream_types_use_and_train_both_streams(tiny, fusion_type):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+@pytest.mark.slow
 def test_64px_image_at_batch_size_one(tiny):
     """A 64x64 image makes the stride-64 level 1x1: the tiny config (hidden_dim 64, two values per GroupNorm
     group) runs it; with hidden_dim 32 (one value per group, which torch refuses) the error names the sizes that

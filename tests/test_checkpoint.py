@@ -43,6 +43,7 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_old_file(tmp_path,
     assert os.listdir(tmp_path) == ['checkpoint.pth']
 
 
+@pytest.mark.slow
 def test_a_save_killed_mid_write_leaves_a_stray_that_the_next_save_removes(tmp_path):
     path = tmp_path / 'checkpoint.pth'
     ckpt.save_checkpoint({'model': {'w': torch.ones(2)}, 'epoch': 0}, str(path))

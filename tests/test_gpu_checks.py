@@ -70,6 +70,7 @@ def test_tiny_run_writes_every_section(tmp_path):
     assert all(math.isfinite(float(cells[3])) and cells[-1] == 'ok |' for cells in amp)
 
 
+@pytest.mark.slow
 def test_shell_script_without_a_gpu_says_so_and_exits_2(tmp_path):
     if torch.cuda.is_available():
         pytest.skip('this machine has a GPU: the script would run')

@@ -29,6 +29,7 @@ def group_names(model: nn.Module, groups: list[dict]) -> list[list[str]]:
 
 @pytest.mark.parametrize('config,manifest', [('DINO_4scale.py', 'caff_dino_4scale_r50_llvip'),
                                              ('DINO_5scale_swin.py', 'caff_dino_5scale_swinL_llvip')])
+@pytest.mark.slow
 def test_groups_of_a_frozen_backbone_run_are_the_references(config, manifest, reference_manifest):
     cfg = load_config(CONFIGS / config)
     assert cfg.freeze_backbones

@@ -30,6 +30,7 @@ def test_series_read_the_values(tmp_path):
     assert series(records, "missing_key") == ([], [])
 
 
+@pytest.mark.slow
 def test_writes_a_png_with_two_runs(tmp_path):
     pytest.importorskip("matplotlib")
     first = write_log(tmp_path / "a" / "log.txt", 3)

@@ -37,6 +37,7 @@ def dino_state_of(model) -> dict:
     return state
 
 
+@pytest.mark.slow
 def test_pretrain_model_coco_fills_both_branches_equally(tmp_path, tiny_config):
     cfg = tiny_config()
     model, _, _ = build_model(cfg)

@@ -24,6 +24,7 @@ def tiny(tiny_cfg):
     return tiny_cfg
 
 
+@pytest.mark.slow
 def test_counted_flops_match_the_hand_count(tiny):
     per_part, total, shapes = count_flops(tiny, 128, 128)
     channels, proj = tiny.hidden_dim, tiny.caff_proj_dim
@@ -34,6 +35,7 @@ def test_counted_flops_match_the_hand_count(tiny):
     assert sum(per_part.values()) < total
 
 
+@pytest.mark.slow
 def test_timing_and_table_cover_every_part(tiny):
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
