@@ -56,7 +56,7 @@ from util.device import resolve_device
 from util.errors import EXIT_USER_ERROR, DataError, UsageError, UserError, report_user_error, user_message
 from util.logger import setup_logger
 from util.misc import collate_fn
-from util.optim import ModelEma, param_groups
+from util.optim import ModelEma, build_adamw, param_groups
 from util.rng import capture_rng_state, restore_rng_state, seed_everything
 from util.tensorboard_logger import make_tensorboard_logger
 from util.training_checkpoint import ResumeState, build_training_checkpoint, resume_training
@@ -265,7 +265,7 @@ def build_training(cfg, device: torch.device) -> Training:
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f'number of trainable params: {n_parameters:,}')
     groups = param_groups(model, cfg.lr, cfg.lr_backbone, reference_backbone_names(cfg))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_adamw(groups, cfg.lr, cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_drop)
     ema = ModelEma(model, cfg.ema_decay) if cfg.use_ema else None
     return Training(model, criterion, postprocessors, optimizer, lr_scheduler, ema, n_parameters)

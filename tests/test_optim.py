@@ -9,7 +9,7 @@ from torch import nn
 import main
 from models import build_model
 from util.config import load_config
-from util.optim import ModelEma, OptimizerStateError, load_optimizer_state, param_groups
+from util.optim import ModelEma, OptimizerStateError, build_adamw, load_optimizer_state, param_groups
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'config' / 'DINO'
 
@@ -120,3 +120,43 @@ def test_ema_averages_each_shared_weight_once():
     assert torch.allclose(ema.module['head'].weight, old + 1.0)  # 0.75 * w + 0.25 * (w + 4)
     assert ema.module['alias'][0].weight is ema.module['head'].weight
     assert not ema.module['head'].weight.requires_grad
+
+
+def test_ema_update_is_the_per_tensor_formula_and_copies_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(2, 2))
+    ema = ModelEma(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model(torch.randn(2, 3, 4, 4))  # training mode: the BatchNorm running stats and its step count change
+    expected = [e.clone().mul_(0.9).add_(p, alpha=1 - 0.9) for e, p in zip(ema.module.parameters(), model.parameters())]
+    ema.update(model)
+    assert all(torch.equal(e, x) for e, x in zip(ema.module.parameters(), expected))
+    assert all(torch.equal(e, b) for e, b in zip(ema.module.buffers(), model.buffers()))
+    assert ema.module[1].num_batches_tracked.item() == 1
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_per_tensor_loop():
+    def trained(make):
+        torch.manual_seed(0)
+        net = Net()
+        optimizer = make(param_groups(net, 1e-2, 1e-3))
+        for _ in range(3):
+            optimizer.zero_grad()
+            net(torch.randn(4, 2)).square().sum().backward()
+            optimizer.step()
+        return net, optimizer
+
+    fused_net, fused = trained(lambda groups: build_adamw(groups, 1e-2, 1e-4))
+    loop_net, loop = trained(lambda groups: torch.optim.AdamW(groups, lr=1e-2, weight_decay=1e-4))
+    assert fused.defaults['fused'] and [g['lr'] for g in fused.param_groups] == [1e-2, 1e-3]
+    for a, b in zip(fused_net.parameters(), loop_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the saved state loads into the reference's (unfused) AdamW and back
+    load_optimizer_state(loop, fused.state_dict())
+    load_optimizer_state(fused, loop.state_dict())
+
+
+def test_adamw_falls_back_to_the_loop_for_parameters_the_fused_kernel_does_not_take():
+    assert not build_adamw([{'params': [nn.Parameter(torch.zeros(2, device='meta'))]}], 1e-3, 0.0).defaults['fused']
