@@ -1,4 +1,6 @@
 """util/cli.py: a bad command line is a one-line UsageError; --help still prints the help and exits 0."""
+import importlib
+
 import pytest
 
 from util.cli import ArgumentParser
@@ -36,3 +38,16 @@ def test_every_tool_reports_a_bad_command_line_in_one_line(tool, capsys):
     assert main(['--no-such-flag']) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith('error: ') and '--help)' in err, err
+
+
+TOOLS = ['bench_msda', 'benchmark', 'check_dataset', 'convert', 'export_onnx', 'fusion_study', 'gpu_checks',
+         'plot_logs', 'predict', 'profile_fusion']
+
+
+@pytest.mark.parametrize('tool', TOOLS)
+def test_every_tool_reports_a_bad_flag_in_one_line_with_exit_2(tool, capsys):
+    module = importlib.import_module(f'tools.{tool}')
+    assert module.main(['--no-such-flag']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and '\n' not in err and tool in err
+    assert '--no-such-flag' in err or 'the following arguments are required' in err  # required ones come first

@@ -39,6 +39,8 @@ import torch
 
 from tools.bench_page import command_line, machine_description, write_page
 from tools.profile_fusion import PartTimer, fusion_parts
+from util.cli import ArgumentParser
+from util.errors import UserError, report_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -54,7 +56,7 @@ MOVED = {'msda': 'python tools/bench_msda.py (same arguments)',
          'fusion-study': 'python tools/fusion_study.py (--rows TYPE[:DROPOUT] and --seeds; see its --help)'}
 
 
-class BenchmarkError(RuntimeError):
+class BenchmarkError(UserError):
     """A benchmark that cannot run as asked (failed subprocess, unreadable results)."""
 
 
@@ -203,7 +205,7 @@ def run_e2e(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('tools/benchmark.py', description=__doc__.splitlines()[0])
+    parser = ArgumentParser('tools/benchmark.py', description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest='command', required=True)
     e2e = sub.add_parser('e2e', help='end-to-end CPU inference latency, its split, and memory per model')
     e2e.add_argument('--models', nargs='+', default=list(MODELS),
@@ -227,14 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in MOVED:
         print(f'error: `tools/benchmark.py {argv[0]}` is now `{MOVED[argv[0]]}`', file=sys.stderr)
         return 2
-    args = get_args_parser().parse_args(argv)
-    args.argv = argv
     previous_threads = torch.get_num_threads()
     try:
+        args = get_args_parser().parse_args(argv)
+        args.argv = argv
         run_e2e(args)
-    except BenchmarkError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except UserError as e:
+        return report_user_error(e)
     finally:
         torch.set_num_threads(previous_threads)
     return 0

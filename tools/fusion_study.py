@@ -53,6 +53,7 @@ import torch
 
 from models.fusion import FUSION_TYPES
 from tools.bench_page import command_line, load_average, machine_description, write_page
+from util.cli import ArgumentParser
 from util.errors import UsageError, UserError, report_user_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -426,7 +427,7 @@ def page_body(args: argparse.Namespace, rows: list[Row], summary: dict, gt: dict
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('tools/fusion_study.py', description=__doc__.splitlines()[0])
+    parser = ArgumentParser('tools/fusion_study.py', description=__doc__.splitlines()[0])
     parser.add_argument('--rows', nargs='+', default=list(DEFAULT_ROWS), metavar='TYPE[:DROPOUT]',
                         help=f'fusion types of models/fusion.py ({", ".join(FUSION_TYPES)}), each with an optional '
                              f'modality_dropout; default: {" ".join(DEFAULT_ROWS)}')
@@ -496,11 +497,11 @@ def run_study(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = get_args_parser().parse_args(argv)
-    args.argv = argv
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
+        args = get_args_parser().parse_args(argv)
+        args.argv = argv
+        torch.set_num_threads(args.threads)
         run_study(args)
     except UserError as e:
         return report_user_error(e)

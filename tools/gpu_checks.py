@@ -23,7 +23,6 @@ TRITON_INTERPRET=1). ``--tiny`` shrinks every problem so that the same code runs
     python tools/gpu_checks.py --device cpu --tiny --backends pytorch      # the same code, tiny, on CPU
 Exit status 1 when a parity, gradcheck or AMP check fails (the page is written first).
 """
-import argparse
 import importlib
 import importlib.util
 import os
@@ -47,9 +46,11 @@ from models.ops import build, ms_deform_attn_pytorch  # noqa: E402
 from models.ops.ms_deform_attn_func import _FusedMSDeformAttn  # noqa: E402
 from tools.bench_msda import CASES, _timed, make_case  # noqa: E402
 from tools.bench_page import command_line, load_average, write_page  # noqa: E402
+from util.cli import ArgumentParser  # noqa: E402
 from util.config import load_config  # noqa: E402
+from util.errors import UsageError, UserError, report_user_error  # noqa: E402
 from util.misc import collate_fn  # noqa: E402
-from util.optim import param_groups  # noqa: E402
+from util.optim import build_adamw, param_groups  # noqa: E402
 from util.rng import seed_everything  # noqa: E402
 
 PARITY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}  # max |error| / max |pytorch value|
@@ -195,8 +196,7 @@ def amp_training(backend: str, amp_dtype: str, device: torch.device, data_root: 
         warnings.simplefilter('always')
         model, criterion, _ = build_model(cfg)
         model, criterion = model.to(device), criterion.to(device)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone), lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay)
+        optimizer = build_adamw(param_groups(model, cfg.lr, cfg.lr_backbone), cfg.lr, cfg.weight_decay)
         loader = torch.utils.data.DataLoader(build_dataset('train', cfg), batch_size=cfg.batch_size, shuffle=False,
                                              drop_last=True, collate_fn=collate_fn)
         batches = list(loader)[:steps + 1]
@@ -290,7 +290,8 @@ def page(argv: list[str], device: torch.device, tiny: bool, unavailable: dict, p
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description='GPU checks of the MSDeformAttn backends, as one Markdown page.')
+    parser = ArgumentParser('tools/gpu_checks.py', description='GPU checks of the MSDeformAttn backends, as one '
+                                                               'Markdown page.')
     parser.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
     parser.add_argument('--backends', nargs='+', default=None,
                         help='default: pytorch, cuda and triton on CUDA; pytorch, cpu and triton on CPU')
@@ -298,10 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--amp-steps', type=int, default=5, help='timed AMP training steps per run')
     parser.add_argument('--tiny', action='store_true', help='tiny problems: the CPU test of this script')
     parser.add_argument('--output', default=None, help='Markdown page to write (default: print only)')
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        if args.device == 'cuda' and not torch.cuda.is_available():
+            raise UsageError('tools/gpu_checks.py --device cuda: torch sees no CUDA device; run this on a GPU machine '
+                             '(or --device cpu --tiny)')
+    except UserError as e:
+        return report_user_error(e)
     device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda: torch sees no CUDA device; run this on a GPU machine (or --device cpu --tiny)')
     names = args.backends or ['pytorch', device.type, 'triton']
     kernels, unavailable = {}, {}
     for name in names:

@@ -13,8 +13,8 @@ measured by forward hooks (``PartTimer``, also used by ``tools/benchmark.py e2e`
 attention uses the pure-PyTorch path so that nothing is compiled. Prints a Markdown table
 (docs/benchmarks/fusion_cost.md holds the measured ones).
 """
-import argparse
 import os
+import sys
 import time
 from collections import defaultdict
 
@@ -22,7 +22,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model
+from util.cli import ArgumentParser
 from util.config import load_config
+from util.errors import UserError, report_user_error
 from util.misc import NestedTensor
 
 GIGA = 1e9
@@ -143,15 +145,18 @@ def markdown_table(per_part_flops, total_flops, shapes, per_part_time, total_tim
     return '\n'.join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def get_args_parser() -> ArgumentParser:
+    parser = ArgumentParser('tools/profile_fusion.py', description=__doc__.splitlines()[0])
     parser.add_argument('--config', required=True, help='model config, e.g. config/DINO/DINO_4scale.py')
     parser.add_argument('--height', type=int, default=512)
     parser.add_argument('--width', type=int, default=640)
     parser.add_argument('--repeats', type=int, default=1, help='timed forwards; the fastest counts')
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     parser.add_argument('--options', nargs='*', default=[], help='config overrides key=value')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config, list(args.options) + ['msda_backend=pytorch'])
@@ -163,5 +168,13 @@ def main(argv=None) -> None:
     print(markdown_table(per_part_flops, total_flops, shapes, per_part_time, total_time))
 
 
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(get_args_parser().parse_args(argv))
+    except UserError as e:
+        return report_user_error(e)
+    return 0
+
+
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
