@@ -49,6 +49,15 @@ def tiny_run_options() -> list[str]:
 
 
 @pytest.fixture(scope='session')
+def tiny_model_options() -> dict:
+    """Config overrides of CAFF_tiny.py for a model that builds and predicts in a fraction of a second (d=32, one
+    layer each, 8 queries, 96 px evaluation): the Python API and predict tests."""
+    return {'hidden_dim': 32, 'nheads': 2, 'enc_layers': 1, 'dec_layers': 1, 'dim_feedforward': 32,
+            'num_queries': 8, 'num_select': 8, 'dn_number': 2, 'eval_size': 96, 'eval_max_size': 160,
+            'device': 'cpu'}
+
+
+@pytest.fixture(scope='session')
 def string_image_ids():
     """string_image_ids(root, template) -> rewrite the validation annotation file of the synthetic data set at
     `root` so that image n is named `template.format(n)` (e.g. 'frame-{}'), as community files do."""

@@ -28,19 +28,16 @@ from util.config import load_config
 from util.errors import UsageError
 from util.misc import collate_fn
 
-TINY_OPTIONS = {'hidden_dim': 32, 'nheads': 2, 'enc_layers': 1, 'dec_layers': 1, 'dim_feedforward': 32,
-                'num_queries': 8, 'num_select': 8, 'dn_number': 2, 'eval_size': 96, 'eval_max_size': 160,
-                'device': 'cpu'}
 WIDTH, HEIGHT = 160, 120
 
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory, repo_root):
+def workspace(tiny_model_options, tmp_path_factory, repo_root):
     """Synthetic data (1 train / 3 val pairs, 160 x 120), the model, and a checkpoint saved as main.py saves one."""
     root = tmp_path_factory.mktemp('detector')
     data = root / 'data'
     generate_synthetic_dataset(str(data), num_train=1, num_val=3, width=WIDTH, height=HEIGHT)
-    cfg = load_config(repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', {**TINY_OPTIONS, 'coco_path': str(data)})
+    cfg = load_config(repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', {**tiny_model_options, 'coco_path': str(data)})
     torch.manual_seed(0)
     model, criterion, postprocessors = build_model(cfg)
     checkpoint = root / 'checkpoint.pth'
@@ -201,7 +198,7 @@ def test_reference_checkpoint_with_args_namespace_loads(workspace, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoint_errors(workspace, tmp_path, repo_root):
+def test_checkpoint_errors(tiny_model_options, workspace, tmp_path, repo_root):
     with pytest.raises(CheckpointError, match='does not fit the model'):
         Detector.from_checkpoint(workspace['checkpoint'], repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', 'cpu')
     bare = tmp_path / 'bare.pth'
@@ -209,8 +206,8 @@ def test_checkpoint_errors(workspace, tmp_path, repo_root):
     with pytest.raises(CheckpointError, match='holds no config'):
         Detector.from_checkpoint(bare, device='cpu')
     det = Detector.from_checkpoint(bare, repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', 'cpu',
-                                   options={k: v for k, v in TINY_OPTIONS.items()})
-    assert det.config.num_select == TINY_OPTIONS['num_select']
+                                   options={k: v for k, v in tiny_model_options.items()})
+    assert det.config.num_select == tiny_model_options['num_select']
 
 
 def _readme_example(repo_root) -> str:
@@ -221,12 +218,13 @@ def _readme_example(repo_root) -> str:
 
 
 @pytest.mark.slow
-def test_readme_example_runs(workspace, tmp_path, monkeypatch, capsys, repo_root):
+def test_readme_example_runs(tiny_model_options, workspace, tmp_path, monkeypatch, capsys, repo_root):
     code = _readme_example(repo_root)
     assert len(code.strip().splitlines()) <= 5
     monkeypatch.chdir(tmp_path)
     generate_synthetic_dataset('data/synthetic_llvip', num_train=1, num_val=1, width=WIDTH, height=HEIGHT)
-    cfg = load_config(repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', TINY_OPTIONS)  # coco_path data/synthetic_llvip
+    # coco_path is CAFF_tiny.py's data/synthetic_llvip
+    cfg = load_config(repo_root / 'config' / 'DINO' / 'CAFF_tiny.py', tiny_model_options)
     model = copy.deepcopy(workspace['model'])
     with torch.no_grad():  # a confident 'person' head (shared by every decoder layer), so that scores pass 0.3
         model.class_embed[-1].bias[1] = 3.0

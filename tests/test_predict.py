@@ -13,19 +13,17 @@ from tools import predict
 from util.checkpoint import save_checkpoint
 from util.config import load_config
 
-TINY_OPTIONS = {'hidden_dim': 32, 'nheads': 2, 'enc_layers': 1, 'dec_layers': 1, 'dim_feedforward': 32,
-                'num_queries': 8, 'num_select': 8, 'dn_number': 2, 'eval_size': 96, 'eval_max_size': 128}
 WIDTH, HEIGHT = 128, 96  # the stride-64 level must be larger than 1 x 1 for its GroupNorm
 
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory, repo_root):
+def workspace(tiny_model_options, tmp_path_factory, repo_root):
     """A synthetic data set (3 train / 2 val pairs, 128 x 96) and a checkpoint saved the way main.py saves one."""
     root = tmp_path_factory.mktemp('predict')
     data = root / 'data'
     generate_synthetic_dataset(str(data), num_train=3, num_val=2, width=WIDTH, height=HEIGHT)
     cfg = load_config(repo_root / 'config' / 'DINO' / 'CAFF_tiny.py',
-                      {**TINY_OPTIONS, 'coco_path': str(data), 'device': 'cpu'})
+                      {**tiny_model_options, 'coco_path': str(data), 'device': 'cpu'})
     torch.manual_seed(0)
     model, _, _ = build_model(cfg)
     checkpoint = root / 'checkpoint.pth'
@@ -43,7 +41,7 @@ def _results(out) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_single_pair_side_by_side_png_and_results(workspace, tmp_path):
+def test_single_pair_side_by_side_png_and_results(tiny_model_options, workspace, tmp_path):
     data = workspace['data']
     out = tmp_path / 'single'
     argv = _common(workspace, out) + ['--rgb', str(data / 'visible' / 'test' / '000001.png'),
@@ -52,7 +50,7 @@ def test_single_pair_side_by_side_png_and_results(workspace, tmp_path):
     with PIL.Image.open(out / '000001.png') as image:
         assert image.size == (2 * WIDTH, HEIGHT)
     results = _results(out)
-    assert len(results) == TINY_OPTIONS['num_select']
+    assert len(results) == tiny_model_options['num_select']
     assert {r['image_id'] for r in results} == {1}
     for row in results:
         assert set(row) == {'image_id', 'category_id', 'bbox', 'score'}
@@ -65,10 +63,10 @@ def test_single_pair_side_by_side_png_and_results(workspace, tmp_path):
 
 
 @pytest.mark.slow
-def test_folder_mode_ids_in_name_order_and_batching_changes_nothing(workspace, tmp_path):
+def test_folder_mode_ids_in_name_order_and_batching_changes_nothing(tiny_model_options, workspace, tmp_path):
     data = workspace['data']
     argv = _common(workspace, tmp_path) + ['-c', str(workspace['config']), '--options',
-                                           *[f'{k}={v}' for k, v in TINY_OPTIONS.items()],
+                                           *[f'{k}={v}' for k, v in tiny_model_options.items()],
                                            '--rgb-dir', str(data / 'visible' / 'train'),
                                            '--ir-dir', str(data / 'infrared' / 'train')]
     assert predict.main(argv + ['--out', str(tmp_path / 'b3'), '--batch-size', '3']) == 0
@@ -146,13 +144,13 @@ def test_image_without_partner_is_predicted_with_the_partner_missing_and_one_war
 
 
 @pytest.mark.slow
-def test_rgb_alone_predicts_with_the_thermal_image_missing(workspace, tmp_path, capsys):
+def test_rgb_alone_predicts_with_the_thermal_image_missing(tiny_model_options, workspace, tmp_path, capsys):
     data = workspace['data']
     out = tmp_path / 'rgb_only'
     argv = _common(workspace, out) + ['--rgb', str(data / 'visible' / 'test' / '000001.png')]
     assert predict.main(argv) == 0
     assert 'without their thermal image' in capsys.readouterr().err
-    assert len(_results(out)) == TINY_OPTIONS['num_select']
+    assert len(_results(out)) == tiny_model_options['num_select']
 
 
 def test_named_file_that_does_not_exist_is_a_one_line_error(workspace, tmp_path, capsys):

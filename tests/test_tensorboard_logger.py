@@ -13,25 +13,21 @@ from datasets.synthetic import generate_synthetic_dataset
 from util import tensorboard_logger
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_OPTIONS = ['data_aug_scales=[96]', 'data_aug_scales2_resize=[96]', 'data_aug_scales2_crop=[64,96]',
-                'data_aug_max_size=128', 'eval_size=96', 'eval_max_size=128', 'enc_layers=1', 'dec_layers=2',
-                'num_queries=20', 'num_select=20', 'dn_number=4', 'hidden_dim=32', 'dim_feedforward=64',
-                'batch_size=2', 'print_freq=100', 'save_checkpoint_interval=0', "msda_backend='pytorch'"]
 
 
-def _train(tmp_path, *options, epochs: int = 2) -> Path:
+def _train(tmp_path, run_options: list[str], *options, epochs: int = 2) -> Path:
     data = tmp_path / 'data'
     generate_synthetic_dataset(str(data), num_train=2, num_val=2, width=128, height=96)
     out = tmp_path / 'run'
     argv = ['-c', str(REPO / 'config' / 'DINO' / 'CAFF_tiny.py'), '--coco_path', str(data), '--output_dir', str(out),
-            '--options', *TINY_OPTIONS, f'epochs={epochs}', *options]
+            '--options', *run_options, f'epochs={epochs}', *options]
     assert main.main(argv) == 0
     return out
 
 
 @pytest.mark.slow
-def test_event_files_hold_iteration_losses_lr_and_epoch_metrics(tmp_path):
-    out = _train(tmp_path, 'tensorboard=True', 'batch_size=1')
+def test_event_files_hold_iteration_losses_lr_and_epoch_metrics(tmp_path, tiny_run_options):
+    out = _train(tmp_path, tiny_run_options, 'tensorboard=True', 'batch_size=1')
     assert list((out / 'tensorboard').glob('events.out.tfevents.*'))
     events = EventAccumulator(str(out / 'tensorboard'), size_guidance={'scalars': 0, 'tensors': 0}).Reload()
     scalars = set(events.Tags()['scalars'])
@@ -62,10 +58,10 @@ def test_event_files_hold_iteration_losses_lr_and_epoch_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_without_the_package_the_run_goes_on_and_says_so_once(tmp_path, monkeypatch):
+def test_without_the_package_the_run_goes_on_and_says_so_once(tmp_path, monkeypatch, tiny_run_options):
     monkeypatch.setitem(sys.modules, 'tensorboard', None)  # `import tensorboard` raises ImportError
     monkeypatch.setattr(tensorboard_logger, '_warned_missing', False)
-    out = _train(tmp_path, 'tensorboard=True', epochs=1)
+    out = _train(tmp_path, tiny_run_options, 'tensorboard=True', epochs=1)
     assert not (out / 'tensorboard').exists()
     assert len((out / 'log.txt').read_text().splitlines()) == 1
     assert (out / 'info.txt').read_text().count('tensorboard package is not installed') == 1
