@@ -265,14 +265,33 @@ def test_category_id_out_of_range(root, tmp_path, capsys, split):
                        f'category_id 3, outside [0, 2] for num_classes=3', 'raise num_classes')
 
 
-def test_many_category_ids_out_of_range_are_counted(root, tmp_path, capsys):
-    edit_json(root, 'train', lambda d: [a.update(category_id=90) for a in d['annotations']])
-    ends_with_one_line(root, tmp_path, capsys, 'annotations[0] (id 1) has category_id 90', '(3 more problem(s)')
+# (split, edit of the parsed JSON, fragments of the one line the run ends with)
+ENTRY_ERRORS = {
+    'many_category_ids_out_of_range_counted': (
+        'train', lambda d: [a.update(category_id=90) for a in d['annotations']],
+        ['annotations[0] (id 1) has category_id 90', '(3 more problem(s)']),
+    'category_id_not_an_integer': (
+        'train', lambda d: d['annotations'][0].update(category_id='person'),
+        ["LLVIP_train.json: annotations[0] (id 1) has category_id 'person'"]),
+    'annotation_of_an_unknown_image': (
+        'train', lambda d: d['annotations'][0].update(image_id=77), ['annotations[0] (id 1) refers to image_id 77']),
+    'annotation_without_bbox': (
+        'train', lambda d: d['annotations'][2].pop('bbox'), ["annotations[2] (id 3) lacks key(s) ['bbox']"]),
+    'duplicate_image_ids': ('val', lambda d: d['images'][1].update(id=1), ['LLVIP_test.json: duplicate image ids']),
+    'image_entry_without_file_name': (
+        'train', lambda d: d['images'][0].pop('file_name'), ['LLVIP_train.json: images[0] (id 1)', "'file_name'"]),
+    'image_entry_with_a_bad_width': (
+        'val', lambda d: d['images'][0].update(width='wide'), ["LLVIP_test.json: image 1 has width='wide'"]),
+    'empty_images_list': (
+        'val', lambda d: d.update(images=[], annotations=[]), ['LLVIP_test.json: "images" is empty']),
+}
 
 
-def test_category_id_not_an_integer(root, tmp_path, capsys):
-    edit_json(root, 'train', lambda d: d['annotations'][0].update(category_id='person'))
-    ends_with_one_line(root, tmp_path, capsys, "LLVIP_train.json: annotations[0] (id 1) has category_id 'person'")
+@pytest.mark.parametrize('case', list(ENTRY_ERRORS))
+def test_a_bad_entry_ends_the_run_with_one_line_naming_it(root, tmp_path, capsys, case):
+    split, edit, fragments = ENTRY_ERRORS[case]
+    edit_json(root, split, edit)
+    ends_with_one_line(root, tmp_path, capsys, *fragments)
 
 
 @pytest.mark.parametrize('bbox', [[1, 2, 3], [1, 'a', 3, 4], [1, None, 3, 4], 'box'])
@@ -286,36 +305,6 @@ def test_bbox_with_nan(root, tmp_path, capsys):
     path = split_paths(root, 'val')[2]
     path.write_text(path.read_text().replace('[8, 6, 24, 20]', '[8, NaN, 24, 20]', 1))
     ends_with_one_line(root, tmp_path, capsys, 'LLVIP_test.json: annotations[0] (id 1) has bbox [8, nan, 24, 20]')
-
-
-def test_annotation_of_an_unknown_image(root, tmp_path, capsys):
-    edit_json(root, 'train', lambda d: d['annotations'][0].update(image_id=77))
-    ends_with_one_line(root, tmp_path, capsys, 'annotations[0] (id 1) refers to image_id 77')
-
-
-def test_annotation_without_bbox(root, tmp_path, capsys):
-    edit_json(root, 'train', lambda d: d['annotations'][2].pop('bbox'))
-    ends_with_one_line(root, tmp_path, capsys, "annotations[2] (id 3) lacks key(s) ['bbox']")
-
-
-def test_duplicate_image_ids(root, tmp_path, capsys):
-    edit_json(root, 'val', lambda d: d['images'][1].update(id=1))
-    ends_with_one_line(root, tmp_path, capsys, 'LLVIP_test.json: duplicate image ids')
-
-
-def test_image_entry_without_file_name(root, tmp_path, capsys):
-    edit_json(root, 'train', lambda d: d['images'][0].pop('file_name'))
-    ends_with_one_line(root, tmp_path, capsys, "LLVIP_train.json: images[0] (id 1)", "'file_name'")
-
-
-def test_image_entry_with_a_bad_width(root, tmp_path, capsys):
-    edit_json(root, 'val', lambda d: d['images'][0].update(width='wide'))
-    ends_with_one_line(root, tmp_path, capsys, "LLVIP_test.json: image 1 has width='wide'")
-
-
-def test_empty_images_list(root, tmp_path, capsys):
-    edit_json(root, 'val', lambda d: d.update(images=[], annotations=[]))
-    ends_with_one_line(root, tmp_path, capsys, 'LLVIP_test.json: "images" is empty')
 
 
 @pytest.mark.parametrize('content, fragment', [

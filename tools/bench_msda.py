@@ -42,8 +42,8 @@ if str(ROOT) not in sys.path:
 
 from models.ops import ms_deform_attn, ms_deform_attn_func, ms_deform_attn_pytorch, resolve_backend  # noqa: E402
 from tools.bench_page import command_line, machine_description, write_page  # noqa: E402
-from util.cli import ArgumentParser  # noqa: E402
-from util.errors import UsageError, UserError, report_user_error  # noqa: E402
+from util.cli import ArgumentParser, run_command  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 
 IMAGE_HW = (512, 640)
 STRIDES = (8, 16, 32, 64)
@@ -299,11 +299,7 @@ def run(args, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        run(get_args_parser().parse_args(argv), argv)
-    except UserError as e:
-        return report_user_error(e)
-    return 0
+    return run_command(get_args_parser(), lambda args: run(args, argv), argv)
 
 
 if __name__ == '__main__':

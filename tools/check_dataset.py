@@ -28,9 +28,9 @@ from datasets.check import SplitCheck, check_split, default_workers
 from datasets.images import BitDepthRule
 from datasets.layouts import DATASET_FILES, IMAGE_SETS, resolve_layout
 from datasets.problems import BAD_PAIR, ERROR
-from util.cli import ArgumentParser
+from util.cli import ArgumentParser, run_command
 from util.config import load_config
-from util.errors import EXIT_USER_ERROR, DataError, UsageError, UserError, report_user_error
+from util.errors import EXIT_USER_ERROR, DataError, UsageError
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(get_args_parser().parse_args(argv))
-    except UserError as e:
-        return report_user_error(e)
+    return run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

@@ -56,9 +56,9 @@ from datasets.images import DEFAULT_BIT_DEPTH, BadPairError, BitDepthRule, read_
 from datasets.pairs import boxes_to_target, coco_from_dict
 from tools.detector import Detector, MissingModalityWarning, category_names, config_for_checkpoint, missing_summary
 from util.checkpoint import load_checkpoint
-from util.cli import ArgumentParser
+from util.cli import ArgumentParser, run_command
 from util.config import parse_options
-from util.errors import UserError, report_user_error
+from util.errors import UserError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GT_COLOUR = (0, 220, 0)
@@ -314,11 +314,7 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(get_args_parser().parse_args(argv))
-    except UserError as e:
-        return report_user_error(e)
-    return 0
+    return run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

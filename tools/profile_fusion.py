@@ -22,9 +22,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import build_model
-from util.cli import ArgumentParser
+from util.cli import ArgumentParser, run_command
 from util.config import load_config
-from util.errors import UserError, report_user_error
 from util.misc import NestedTensor
 
 GIGA = 1e9
@@ -169,11 +168,7 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(get_args_parser().parse_args(argv))
-    except UserError as e:
-        return report_user_error(e)
-    return 0
+    return run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':
