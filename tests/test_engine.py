@@ -19,7 +19,7 @@ from models.ops import ms_deform_attn_layer
 from util.config import load_config
 from util.errors import DataError, report_user_error
 from util.misc import collate_fn
-from util.optim import ModelEma, param_groups
+from util.optim import ModelEma, build_adamw, param_groups
 from util.rng import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,8 +39,7 @@ def setup(tmp_path_factory, tiny_run_options):
 def build(cfg):
     seed_everything(0)
     model, criterion, postprocessors = build_model(cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_backbone), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = build_adamw(param_groups(model, cfg.lr, cfg.lr_backbone), cfg.lr, cfg.weight_decay)  # as main.py
     return model, criterion, postprocessors, optimizer
 
 
