@@ -101,26 +101,30 @@ def test_demo_options_apply_to_the_demo_only_and_yield_to_the_command_line():
 
 @pytest.mark.slow
 def test_train_eval_checkpoints_log_and_eval_reproduces(string_id_root, tmp_path, cli):
+    """Two epochs, so that the second evaluation follows an optimiser step after the first one: it must score the
+    weights of then, as a fresh --eval of the saved checkpoint does (no inference weights kept from before)."""
     out = tmp_path / 'run'
-    assert main.main(cli(string_id_root, out, options=['epochs=1'])) == 0
+    assert main.main(cli(string_id_root, out, options=['epochs=2'])) == 0
     for name in ('checkpoint.pth', 'checkpoint_best_regular.pth', 'log.txt', 'info.txt', 'config_cfg.py',
                  'detections_bbox.json'):
         assert (out / name).is_file(), name
-    (record,) = read_log(out)
-    assert record['epoch'] == 0 and len(record['test_coco_eval_bbox']) == 12
+    records = read_log(out)
+    record = records[-1]
+    assert [r['epoch'] for r in records] == [0, 1] and len(record['test_coco_eval_bbox']) == 12
     assert all(k in record for k in ('train_loss', 'train_loss_ce', 'train_lr', 'test_loss', 'best_res'))
     checkpoint = load_checkpoint(str(out / 'checkpoint.pth'))
     assert {'model', 'optimizer', 'lr_scheduler', 'epoch', 'config', 'best', 'rng_state'} <= set(checkpoint)
-    assert checkpoint['config']['num_classes'] == 3 and checkpoint['epoch'] == 0
+    assert checkpoint['config']['num_classes'] == 3 and checkpoint['epoch'] == 1
     rows = json.loads((out / 'detections_bbox.json').read_text())
     assert rows and all(set(row) == {'image_id', 'category_id', 'bbox', 'score'} for row in rows)
     assert {row['image_id'] for row in rows} == {'frame-1', 'frame-2', 'frame-3'}, "the file's own ids"
 
-    assert main.main(cli(string_id_root, out, '--eval', '--resume', str(out / 'checkpoint_best_regular.pth'),
-                         options=['epochs=1'])) == 0
+    assert main.main(cli(string_id_root, out, '--eval', '--resume', str(out / 'checkpoint.pth'),
+                         options=['epochs=2'])) == 0
     evaluated = read_log(out)[-1]
     assert evaluated['mode'] == 'eval'
     assert evaluated['test_coco_eval_bbox'] == pytest.approx(record['test_coco_eval_bbox'], abs=1e-6)
+    assert evaluated['test_loss'] == pytest.approx(record['test_loss'], rel=1e-5)
 
 
 @pytest.mark.slow

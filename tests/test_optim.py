@@ -160,3 +160,24 @@ def test_adamw_is_fused_on_cpu_and_steps_as_the_per_tensor_loop():
 
 def test_adamw_falls_back_to_the_loop_for_parameters_the_fused_kernel_does_not_take():
     assert not build_adamw([{'params': [nn.Parameter(torch.zeros(2, device='meta'))]}], 1e-3, 0.0).defaults['fused']
+
+
+def test_a_fused_step_marks_the_parameters_changed_for_caches_of_derived_weights():
+    """The fused kernel alone leaves the version counters as they were; DerivedTensors (the inference weights of an
+    evaluation between epochs) would then return weights of before the step."""
+    from models.utils import DerivedTensors
+
+    torch.manual_seed(0)
+    net = Net()
+    optimizer = build_adamw(param_groups(net, 1e-2, 1e-2), 1e-2, 0.0)
+    cache = DerivedTensors()
+    weight = net.head.weight
+
+    def doubled():
+        with torch.no_grad():
+            return cache.get('w', [weight], lambda: (weight * 2,))[0]
+
+    before = doubled()
+    net(torch.randn(4, 2)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(doubled(), before) and torch.equal(doubled(), weight.detach() * 2)

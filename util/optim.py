@@ -53,10 +53,23 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float,
 
 def build_adamw(groups: list[dict], lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``groups`` (``param_groups``), fused when every parameter is a floating-point tensor on CPU or
-    CUDA (the devices whose fused kernel PyTorch ships), else the reference's per-tensor loop."""
+    CUDA (the devices whose fused kernel PyTorch ships), else the reference's per-tensor loop.
+
+    The fused kernel updates the parameters without bumping their in-place version counters, which caches of
+    tensors derived from the weights rely on (``models.utils.DerivedTensors``: the folded / fused inference
+    weights an evaluation between epochs uses). A hook after every step bumps them, as the per-tensor loop's
+    in-place ops do.
+    """
     params = [p for group in groups for p in group['params']]
     fused = bool(params) and all(p.is_floating_point() and p.device.type in ('cpu', 'cuda') for p in params)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    if fused:
+        optimizer.register_step_post_hook(_mark_parameters_changed)
+    return optimizer
+
+
+def _mark_parameters_changed(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group['params']])
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> list[str]:
