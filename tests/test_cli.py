@@ -51,3 +51,20 @@ def test_every_tool_reports_a_bad_flag_in_one_line_with_exit_2(tool, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and '\n' not in err and tool in err
     assert '--no-such-flag' in err or 'the following arguments are required' in err  # required ones come first
+
+
+def test_run_command_restores_the_thread_count_and_reports_a_user_error(capsys):
+    import torch
+
+    from util.cli import run_command
+    before = torch.get_num_threads()
+
+    def run(args):
+        torch.set_num_threads(1 if before > 1 else 2)
+        raise UsageError(f'bad count {args.count}')
+
+    assert run_command(parser(), run, ['--name', 'x', '--count', '3']) == 2
+    assert torch.get_num_threads() == before
+    assert capsys.readouterr().err == 'error: bad count 3\n'
+    assert run_command(parser(), lambda args: None, ['--name', 'x']) == 0
+    assert run_command(parser(), lambda args: 1, ['--name', 'x']) == 1

@@ -39,8 +39,8 @@ import torch
 
 from tools.bench_page import command_line, machine_description, write_page
 from tools.profile_fusion import PartTimer, fusion_parts
-from util.cli import ArgumentParser
-from util.errors import UserError, report_user_error
+from util.cli import ArgumentParser, run_command
+from util.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -229,16 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in MOVED:
         print(f'error: `tools/benchmark.py {argv[0]}` is now `{MOVED[argv[0]]}`', file=sys.stderr)
         return 2
-    previous_threads = torch.get_num_threads()
-    try:
-        args = get_args_parser().parse_args(argv)
+    def run(args):
         args.argv = argv
         run_e2e(args)
-    except UserError as e:
-        return report_user_error(e)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return 0
+
+    return run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':

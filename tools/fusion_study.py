@@ -53,8 +53,8 @@ import torch
 
 from models.fusion import FUSION_TYPES
 from tools.bench_page import command_line, load_average, machine_description, write_page
-from util.cli import ArgumentParser
-from util.errors import UsageError, UserError, report_user_error
+from util.cli import ArgumentParser, run_command
+from util.errors import UsageError, UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDY_CONFIG = 'config/DINO/CAFF_tiny.py'
@@ -497,17 +497,12 @@ def run_study(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    previous_threads = torch.get_num_threads()
-    try:
-        args = get_args_parser().parse_args(argv)
+    def run(args):
         args.argv = argv
         torch.set_num_threads(args.threads)
         run_study(args)
-    except UserError as e:
-        return report_user_error(e)
-    finally:
-        torch.set_num_threads(previous_threads)
-    return 0
+
+    return run_command(get_args_parser(), run, argv)
 
 
 if __name__ == '__main__':
