@@ -66,9 +66,6 @@ CONFIG_OVERRIDES = ('dataset_file', 'coco_path', 'output_dir', 'device', 'seed',
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 DEMO_CONFIG = os.path.join(REPO_ROOT, 'config', 'DINO', 'CAFF_tiny.py')
 DEMO_DATA = 'data/synthetic_llvip'
-# 300 training pairs, not the generator's default 200: with 200 the last epochs overfit (validation AP50 fell over
-# epochs 7-10 at both thread counts), and the fused AdamW pays for the extra steps.
-DEMO_PAIRS = {'num_train': 300, 'num_val': 50}
 # What --demo sets on top of CAFF_tiny.py (--options and the flags still win): score the final epoch with the
 # exponential moving average of the weights, whose validation AP does not swing from epoch to epoch as the
 # trained weights' does at the demo's high learning rate. Decay 0.99: an average over the last ~100 of the 500
@@ -167,7 +164,7 @@ def prepare_demo_data(root: str) -> None:
         return
     from datasets.synthetic import generate_synthetic_dataset
     logger.info(f'demo: generating the synthetic data set into {root}')
-    generate_synthetic_dataset(root, **DEMO_PAIRS)
+    generate_synthetic_dataset(root)
 
 
 def setup(args: argparse.Namespace) -> tuple[Config, torch.device, bool]:

@@ -77,13 +77,12 @@ def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monke
     assert args.config_file == main.DEMO_CONFIG and cfg.coco_path == main.DEMO_DATA
     assert cfg.dataset_file == 'synthetic' and cfg.device == 'cpu'
     written = []
-    monkeypatch.setattr('datasets.synthetic.generate_synthetic_dataset',
-                        lambda root, **sizes: written.append((root, sizes)))
+    monkeypatch.setattr('datasets.synthetic.generate_synthetic_dataset', lambda root: written.append(root))
     main.prepare_demo_data(str(tmp_path / 'fresh'))
     (tmp_path / 'present').mkdir()
     (tmp_path / 'present' / 'visible').mkdir()
     main.prepare_demo_data(str(tmp_path / 'present'))
-    assert written == [(str(tmp_path / 'fresh'), {'num_train': 300, 'num_val': 50})], 'generated only when absent'
+    assert written == [str(tmp_path / 'fresh')], 'the data set is generated only when absent'
     with pytest.raises(main.UsageError, match='config file is required'):
         main.load_run_config(main.get_args_parser().parse_args([]))
     with pytest.raises(main.UsageError, match='not a device name'):

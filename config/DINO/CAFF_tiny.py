@@ -10,7 +10,7 @@ output_dir = 'outputs/caff_tiny'
 device = 'cpu'
 num_workers = 0
 
-# Half the synthetic frames' 320x256, sized so that `python main.py --demo` (300 training pairs, 10 epochs, and
+# Half the synthetic frames' 320x256, sized so that `python main.py --demo` (200 training pairs, 10 epochs, and
 # the EMA weights that main.py's DEMO_OPTIONS add) fits in 8 minutes on 2 CPU cores; its measured AP50 per thread
 # count and machine is in README.md (the trajectory depends on both).
 data_aug_scales = [112, 128, 144]
