@@ -314,7 +314,10 @@ def run(args: argparse.Namespace) -> CocoEvaluator:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command(get_args_parser(), run, argv)
+    def predict(args) -> None:  # run() returns the evaluator (for the Python API); the exit status is 0
+        run(args)
+
+    return run_command(get_args_parser(), predict, argv)
 
 
 if __name__ == '__main__':
