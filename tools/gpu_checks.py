@@ -46,9 +46,9 @@ from models.ops import build, ms_deform_attn_pytorch  # noqa: E402
 from models.ops.ms_deform_attn_func import _FusedMSDeformAttn  # noqa: E402
 from tools.bench_msda import CASES, _timed, make_case  # noqa: E402
 from tools.bench_page import command_line, load_average, write_page  # noqa: E402
-from util.cli import ArgumentParser  # noqa: E402
+from util.cli import ArgumentParser, run_command  # noqa: E402
 from util.config import load_config  # noqa: E402
-from util.errors import UsageError, UserError, report_user_error  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 from util.misc import collate_fn  # noqa: E402
 from util.optim import build_adamw, param_groups  # noqa: E402
 from util.rng import seed_everything  # noqa: E402
@@ -289,8 +289,7 @@ def page(argv: list[str], device: torch.device, tiny: bool, unavailable: dict, p
     return '\n'.join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def get_args_parser() -> ArgumentParser:
     parser = ArgumentParser('tools/gpu_checks.py', description='GPU checks of the MSDeformAttn backends, as one '
                                                                'Markdown page.')
     parser.add_argument('--device', default='cuda', choices=['cuda', 'cpu'])
@@ -300,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--amp-steps', type=int, default=5, help='timed AMP training steps per run')
     parser.add_argument('--tiny', action='store_true', help='tiny problems: the CPU test of this script')
     parser.add_argument('--output', default=None, help='Markdown page to write (default: print only)')
-    try:
-        args = parser.parse_args(argv)
-        if args.device == 'cuda' and not torch.cuda.is_available():
-            raise UsageError('tools/gpu_checks.py --device cuda: torch sees no CUDA device; run this on a GPU machine '
-                             '(or --device cpu --tiny)')
-    except UserError as e:
-        return report_user_error(e)
+    return parser
+
+
+def run_checks(args, argv: list[str]) -> int:
+    """Every check, the page, and the exit status: 1 if a parity, gradcheck or AMP check failed."""
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UsageError('tools/gpu_checks.py --device cuda: torch sees no CUDA device; run this on a GPU machine '
+                         '(or --device cpu --tiny)')
     device = torch.device(args.device)
     names = args.backends or ['pytorch', device.type, 'triton']
     kernels, unavailable = {}, {}
@@ -335,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"gpu_checks: FAILED: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    return run_command(get_args_parser(), lambda args: run_checks(args, argv), argv)
 
 
 if __name__ == '__main__':
