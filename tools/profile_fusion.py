@@ -17,6 +17,10 @@ import os
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
+
+if __package__ in (None, ''):  # run as ``python tools/profile_fusion.py``: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
