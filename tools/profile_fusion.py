@@ -74,13 +74,15 @@ def count_flops(cfg, height: int, width: int) -> tuple[dict[str, float], float, 
 
 
 class PartTimer:
-    """Wall time per forward of groups of sub-modules, measured with forward pre-/post-hooks.
+    """Time per forward of groups of sub-modules, measured with forward pre-/post-hooks.
 
     ``groups``: ``{group: [module, ...]}``. After each forward, ``take()`` returns ``{group: seconds}`` summed
     over the calls of that forward and clears the record. ``remove()`` takes the hooks off the modules.
+    ``clock``: seconds as a float, ``time.perf_counter`` (wall) unless given, e.g. ``time.process_time``.
     """
 
-    def __init__(self, groups: dict[str, list[torch.nn.Module]]):
+    def __init__(self, groups: dict[str, list[torch.nn.Module]], clock=time.perf_counter):
+        self._clock = clock
         self._spent = {group: 0.0 for group in groups}
         self._started = {}
         self._handles = []
@@ -91,12 +93,12 @@ class PartTimer:
 
     def _pre_hook(self, module):
         def hook(_module, _args):
-            self._started[id(module)] = time.perf_counter()
+            self._started[id(module)] = self._clock()
         return hook
 
     def _post_hook(self, module, group):
         def hook(_module, _args, _output):
-            self._spent[group] += time.perf_counter() - self._started.pop(id(module))
+            self._spent[group] += self._clock() - self._started.pop(id(module))
         return hook
 
     def take(self) -> dict[str, float]:

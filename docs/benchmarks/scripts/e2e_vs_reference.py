@@ -121,34 +121,11 @@ class RepoModules:
 
 # --------------------------------------------------------------------------------------------- timing
 
-class PartTimer:
-    """Seconds per group of sub-modules in one forward (pre/post forward hooks, with ``clock``)."""
-
-    def __init__(self, groups: dict[str, list[torch.nn.Module]], clock):
-        self.clock = clock
-        self.spent = dict.fromkeys(groups, 0.0)
-        self.started: dict[int, float] = {}
-        self.handles = []
-        for group, modules in groups.items():
-            if not modules:
-                raise RuntimeError(f'no module found for the part {group!r}')
-            for module in modules:
-                self.handles.append(module.register_forward_pre_hook(self._pre(module)))
-                self.handles.append(module.register_forward_hook(self._post(module, group)))
-
-    def _pre(self, module):
-        def hook(_module, _args):
-            self.started[id(module)] = self.clock()
-        return hook
-
-    def _post(self, module, group):
-        def hook(_module, _args, _out):
-            self.spent[group] += self.clock() - self.started.pop(id(module))
-        return hook
-
-    def take(self) -> dict[str, float]:
-        spent, self.spent = self.spent, dict.fromkeys(self.spent, 0.0)
-        return spent
+def load_part_timer(repo: RepoModules):
+    """Our ``tools.profile_fusion.PartTimer`` (forward hooks per group of sub-modules, any clock), imported in
+    our module space; the class keeps working after the space is stashed away."""
+    with repo.active():
+        return importlib.import_module('tools.profile_fusion').PartTimer
 
 
 def part_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
@@ -160,16 +137,18 @@ def part_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
             groups['backbones'].append(module)
         elif len(parts) == 2 and parts[0] in ('conv_corr', 'redim_corr') and parts[1].isdigit():
             groups['fusion'].append(module)
+    if not all(groups.values()):
+        raise RuntimeError(f'no module found for the parts {[k for k, v in groups.items() if not v]}')
     return groups
 
 
 class Variant:
     """One model to time: how to call it, in which repository's module space, with which patches."""
 
-    def __init__(self, name, label, model, repo: RepoModules, inputs, clock, patches=None):
+    def __init__(self, name, label, model, repo: RepoModules, inputs, clock, part_timer, patches=None):
         self.name, self.label, self.model, self.repo, self.inputs = name, label, model, repo, inputs
         self.patches = patches or contextlib.nullcontext
-        self.timer = PartTimer(part_groups(model), clock)
+        self.timer = part_timer(part_groups(model), clock)
         self.clock = clock
         self.runs: list[dict[str, float]] = []
         self.memory = None
@@ -194,7 +173,8 @@ class Variant:
 
 # ----------------------------------------------------------------------------------------- our model
 
-def build_ours(repo: RepoModules, repo_root: Path, names: list[str], height: int, width: int, clock):
+def build_ours(repo: RepoModules, repo_root: Path, names: list[str], height: int, width: int, clock,
+               part_timer):
     with repo.active():
         from models import build_model
         from util.config import load_config
@@ -219,7 +199,7 @@ def build_ours(repo: RepoModules, repo_root: Path, names: list[str], height: int
             else:
                 first_of_type[fusion_type] = model
             patches = None if speedups else speedups_off(model, fused_layers)
-            variant = Variant(name, label, model, repo, inputs, clock, patches)
+            variant = Variant(name, label, model, repo, inputs, clock, part_timer, patches)
             variant.capture_encoder(model.transformer.encoder)
             variant.msda_asked = backend
             variants[name] = variant
@@ -266,7 +246,7 @@ def _msda_stub() -> types.ModuleType:
     return stub
 
 
-def build_reference(repo: RepoModules, ref_root: Path, state_dict: dict, rgb, ir, clock):
+def build_reference(repo: RepoModules, ref_root: Path, state_dict: dict, rgb, ir, clock, part_timer):
     sys.modules.setdefault('MultiScaleDeformableAttention', _msda_stub())
     with repo.active():
         from util.slconfig import SLConfig
@@ -300,7 +280,7 @@ def build_reference(repo: RepoModules, ref_root: Path, state_dict: dict, rgb, ir
         mask = torch.zeros(rgb.shape[0], *rgb.shape[-2:], dtype=torch.bool)
         # Its first input is the query side ("visible" branch): the IR image (reference SPEC §0).
         inputs = (NestedTensor(ir, mask), NestedTensor(rgb, mask))
-        variant = Variant(REFERENCE, REFERENCE_LABEL, model, repo, inputs, clock)
+        variant = Variant(REFERENCE, REFERENCE_LABEL, model, repo, inputs, clock, part_timer)
         variant.capture_encoder(model.transformer.encoder)
     return variant, result
 
@@ -410,7 +390,9 @@ def main(argv=None) -> int:
     if REFERENCE in names and not any(OUR_VARIANTS[n][1] == 'caff' for n in ours_names):
         build_names.insert(0, 'caff-pytorch')  # the reference takes the weights of a caff model: built, untimed
     t0 = time.perf_counter()
-    ours, (rgb, ir), msda_func = build_ours(ours_repo, repo_root, build_names, height, width, clock)
+    part_timer = load_part_timer(ours_repo)
+    ours, (rgb, ir), msda_func = build_ours(ours_repo, repo_root, build_names, height, width, clock,
+                                            part_timer)
     print(f'built ours ({", ".join(build_names)}) in {time.perf_counter() - t0:.0f} s', flush=True)
 
     variants = dict(ours)
@@ -424,7 +406,7 @@ def main(argv=None) -> int:
             warnings.filterwarnings('ignore', category=UserWarning, module='torchvision')
             warnings.filterwarnings('ignore', category=FutureWarning, module='timm')
             variants[REFERENCE], result = build_reference(ref_repo, ref_root, caff.model.state_dict(), rgb, ir,
-                                                          clock)
+                                                          clock, part_timer)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
         key_report = (f'reference loads our `{caff.name}` state_dict by name: {len(missing)} missing, '
                       f'{len(unexpected)} unexpected keys')
