@@ -78,3 +78,13 @@ def test_part_timer_sums_each_group_per_forward_and_clears():
     timer.remove()
     a(x)
     assert timer.take() == {'ab': 0.0, 'c': 0.0}, 'removed hooks record nothing'
+
+
+def test_part_timer_reads_the_clock_it_is_given():
+    ticks = iter([10.0, 10.5, 20.0, 22.0])  # a's pre/post, then c's: 0.5 s and 2 s on the given clock
+    a, c = Sleeper(0.0), Sleeper(0.0)
+    timer = PartTimer({'a': [a], 'c': [c]}, clock=lambda: next(ticks))
+    a(torch.zeros(1))
+    c(torch.zeros(1))
+    assert timer.take() == {'a': 0.5, 'c': 2.0}
+    timer.remove()
