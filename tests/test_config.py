@@ -44,6 +44,15 @@ def test_reference_values_of_dino_4scale():
     assert cfg.data_aug_scales == list(range(480, 801, 32))
 
 
+@pytest.mark.parametrize('name', ['DINO_4scale.py', 'DINO_5scale_swin.py', 'CAFF_tiny.py'])
+def test_shipped_configs_evaluate_at_the_largest_training_scale(name):
+    # DINO's rule (its val transform resizes to max(scales)); a smaller eval size shrinks every object below the
+    # sizes the model was trained on.
+    cfg = load_config(ROOT / 'config' / 'DINO' / name)
+    assert cfg.eval_size == max(cfg.data_aug_scales)
+    assert cfg.eval_max_size >= cfg.eval_size
+
+
 def test_base_inheritance_child_overrides(tiny_cfg):
     swin = load_config(ROOT / 'config' / 'DINO' / 'DINO_5scale_swin.py')
     assert swin.backbone == 'swin_L_384_22k' and swin.num_feature_levels == 5 and swin.batch_size == 1
