@@ -39,7 +39,7 @@ def test_train_split_gives_normalised_tensors_and_targets(synthetic_root):
 
 
 def test_val_split_resizes_to_eval_size_and_batches_with_one_mask(synthetic_root):
-    ds = build_dataset('val', tiny_cfg(synthetic_root))
+    ds = build_dataset('val', tiny_cfg(synthetic_root, eval_size=128, eval_max_size=192))
     assert ds.annotation_file.endswith('LLVIP_test.json')
     rgb, ir, target = ds[0]
     assert rgb.shape == ir.shape == (3, 128, 160) and target['size'].tolist() == [128, 160]
@@ -91,7 +91,8 @@ def test_flir_fusion_through_build_dataset(tmp_path):
         {'images': [{'id': 1, 'file_name_RGB': 'x.jpg', 'file_name_IR': 'x.jpeg'}],
          'annotations': [{'id': 1, 'image_id': 1, 'bbox': [4, 4, 16, 8], 'category_id': 2}],
          'categories': [{'id': 2, 'name': 'car'}]}))
-    rgb, ir, target = build_dataset('val', tiny_cfg(tmp_path, dataset_file='flir_fusion'))[0]
+    rgb, ir, target = build_dataset('val', tiny_cfg(tmp_path, dataset_file='flir_fusion', eval_size=128,
+                                                    eval_max_size=192))[0]
     assert rgb.shape == ir.shape == (3, 128, 170)
     assert target['boxes'][0].tolist() == pytest.approx([12 / 64, 8 / 48, 16 / 64, 8 / 48], abs=1e-6)
 
