@@ -52,7 +52,7 @@ from util import dist
 from util.checkpoint import CheckpointError, check_checkpoint_path, copy_checkpoint, save_checkpoint
 from util.cli import ArgumentParser
 from util.config import Config, ConfigError, load_config, parse_options
-from util.device import resolve_device
+from util.device import resolve_device, set_flush_denormal
 from util.errors import EXIT_USER_ERROR, DataError, UsageError, UserError, report_user_error, user_message
 from util.logger import setup_logger
 from util.misc import collate_fn
@@ -170,6 +170,7 @@ def prepare_demo_data(root: str) -> None:
 def setup(args: argparse.Namespace) -> tuple[Config, torch.device, bool]:
     """Config, device, process group, output dir and logger: ``(cfg, device, distributed)``."""
     cfg = load_run_config(args)
+    flushing = set_flush_denormal(cfg.flush_denormal)  # before any kernel starts torch's threads, which inherit it
     device = resolve_device(cfg.device)
     distributed = dist.init_distributed(device)
     if distributed and device.type == 'cuda':
@@ -186,8 +187,9 @@ def setup(args: argparse.Namespace) -> tuple[Config, torch.device, bool]:
     if args.demo:  # the trajectory depends on the thread count (OMP_NUM_THREADS=1 for one)
         logger.info(f'demo: {torch.get_num_threads()} torch threads; demo options ' +
                     ' '.join(f'{k}={v}' for k, v in DEMO_OPTIONS.items()))
+    subnormals = ('flushed to 0' if flushing else 'kept: this CPU cannot flush them') if cfg.flush_denormal else 'kept'
     logger.info(f'config: {args.config_file}; output dir: {os.path.abspath(cfg.output_dir)}; device: {device}; '
-                f'world size: {dist.get_world_size()}')
+                f'world size: {dist.get_world_size()}; CPU subnormal floats {subnormals}')
     seed_everything(cfg.seed + dist.get_rank())
     return cfg, device, distributed
 
