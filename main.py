@@ -26,7 +26,8 @@ Follows CAFF-DINO's ``main.py`` (DINO's, with the fusion pretrain path). What di
   a resumed run continues exactly as an uninterrupted one would (data order, augmentation, DN noise) when
   ``num_workers`` is 0. With workers, the data order is still exact but the workers' augmentation streams restart
   from seeds drawn at resume (persistent workers keep their generators in memory only).
-- With ``use_ema`` each epoch also evaluates the EMA weights (``ema_test_*`` in ``log.txt``) and keeps
+- ``eval_interval`` (not in the reference, which evaluates every epoch) evaluates every k-th epoch and the last.
+- With ``use_ema`` each evaluation also scores the EMA weights (``ema_test_*`` in ``log.txt``) and keeps
   ``checkpoint_best_ema.pth`` when their AP improves on their own best (the reference compares it with the best
   of both).
 - User errors (bad command line, config, data, checkpoint or output dir, non-finite loss) end the run with one line
@@ -327,8 +328,10 @@ def coco_table(stats: list[float]) -> str:
 
 def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: ResumeState, device: torch.device,
         distributed: bool) -> dict:
-    """Train epochs ``state.start_epoch .. epochs - 1``; after each: evaluate (and the EMA weights), save the
-    checkpoints, append the ``log.txt`` line. ``model`` is ``training.model`` or its DDP wrapper."""
+    """Train epochs ``state.start_epoch .. epochs - 1``; after each: evaluate (and the EMA weights) when it is an
+    ``eval_interval``-th epoch or the last, save the checkpoints, append the ``log.txt`` line (``test_*`` keys only
+    when evaluated; the best checkpoints are chosen among the evaluated epochs). ``model`` is ``training.model`` or
+    its DDP wrapper."""
     loader_train, loader_val, sampler_train, dataset_val = loaders
     output_dir = cfg.output_dir
     last_ckpt = os.path.join(output_dir, LAST_CHECKPOINT)
@@ -353,14 +356,16 @@ def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: 
             kept = f'{last_ckpt} (epoch {epoch - 1})' if os.path.exists(last_ckpt) else 'none (no epoch completed)'
             raise type(e)(f'{user_message(e)}. Last good checkpoint: {kept}') from None
         training.lr_scheduler.step()
-        stats, _ = evaluate(model, *eval_args, output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map,
-                            cfg.eval_missing_modality, cfg.amp_dtype)
-        selected = stats['selection']  # COCO AP, or the data set's own metric (KAIST: 1 - MR^-2 all)
-        improved = selected['value'] > best.metric
-        if improved:
-            best.metric, best.epoch = selected['value'], epoch
-        ema_stats, ema_improved = {}, False
-        if ema is not None:
+        stats, ema_stats, improved, ema_improved = {}, {}, False, False
+        evaluated = (epoch + 1) % cfg.eval_interval == 0 or epoch == cfg.epochs - 1
+        if evaluated:
+            stats, _ = evaluate(model, *eval_args, output_dir, cfg.amp, cfg.print_freq, dataset_val.image_id_map,
+                                cfg.eval_missing_modality, cfg.amp_dtype)
+            selected = stats['selection']  # COCO AP, or the data set's own metric (KAIST: 1 - MR^-2 all)
+            improved = selected['value'] > best.metric
+            if improved:
+                best.metric, best.epoch = selected['value'], epoch
+        if evaluated and ema is not None:
             ema_stats, _ = evaluate(ema.module, *eval_args, None, cfg.amp, cfg.print_freq,
                                     missing_modality=cfg.eval_missing_modality, amp_dtype=cfg.amp_dtype)
             ema_improved = ema_stats['selection']['value'] > best.ema_metric
@@ -396,6 +401,9 @@ def fit(cfg, training: Training, model: torch.nn.Module, loaders: tuple, state: 
                 tb_logger.log_epoch(epoch, train_stats, stats, STAT_NAMES)
 
         dist.run_on_main(save_and_log)
+        if not evaluated:
+            logger.info(f'epoch {epoch}: trained; eval_interval={cfg.eval_interval}, so it is not evaluated')
+            continue
         logger.info(f'epoch {epoch}: {coco_table(stats["coco_eval_bbox"])}  (best {selected["name"]} '
                     f'{100 * best.metric:.1f} at epoch {best.epoch})')
         if ema is not None:

@@ -20,7 +20,7 @@ num_queries enc_n_points dec_n_points two_stage_default_hw two_stage_bbox_embed_
 dec_pred_bbox_embed_share dec_pred_class_embed_share embed_init_tgt msda_backend fusion_type query_modality
 caff_num_stages caff_kernel_sizes caff_proj_dim aux_loss use_dn dn_number dn_box_noise_scale dn_label_noise_ratio
 dn_labelbook_size set_cost_class set_cost_bbox set_cost_giou cls_loss_coef bbox_loss_coef giou_loss_coef
-interm_loss_coef focal_alpha num_select tensorboard flush_denormal
+interm_loss_coef focal_alpha num_select tensorboard flush_denormal eval_interval
 high_bit_depth_rule high_bit_depth_limits modality_dropout eval_missing_modality
 """.split()
 READERS = ['models', 'datasets', 'util', 'engine.py', 'main.py', 'tools']

@@ -1,6 +1,6 @@
 """main.py end to end on a tiny synthetic set: train + eval with the data set's own (string) image ids, --eval
 reproduces, resume after kill -9, resume equals an uninterrupted run, resume applies a changed config, EMA weights
-evaluated and kept. The bad inputs are tests/test_bad_runs.py."""
+evaluated and kept, eval_interval. The bad inputs are tests/test_bad_runs.py."""
 import json
 import signal
 import subprocess
@@ -201,6 +201,19 @@ def test_ema_weights_are_evaluated_logged_and_kept(data_root, tmp_path, cli):
     # evaluating the kept file gives the EMA numbers of the log
     assert main.main(cli(data_root, out, '--eval', '--resume', str(out / 'checkpoint_best_ema.pth'))) == 0
     assert read_log(out)[-1]['test_coco_eval_bbox'] == pytest.approx(record['ema_test_coco_eval_bbox'], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_interval_evaluates_every_kth_epoch_and_the_last(data_root, tmp_path, cli):
+    out = tmp_path / 'interval'
+    assert main.main(cli(data_root, out, options=['epochs=3', 'eval_interval=2', 'use_ema=True'])) == 0
+    records = read_log(out)
+    assert [r['epoch'] for r in records] == [0, 1, 2], 'every epoch is trained, checkpointed and logged'
+    assert [('test_coco_eval_bbox' in r, 'ema_test_coco_eval_bbox' in r) for r in records] == [
+        (False, False), (True, True), (True, True)]
+    assert records[-1]['best_ep'] in (1, 2) and records[-1]['ema_best_ep'] in (1, 2)
+    assert load_checkpoint(str(out / 'checkpoint.pth'))['epoch'] == 2
+    assert 'epoch 0: trained; eval_interval=2, so it is not evaluated' in (out / 'info.txt').read_text()
 
 
 @pytest.mark.slow

@@ -129,6 +129,7 @@ VALUE_RULES: dict[str, Rule] = {
     'print_freq': at_least(1),
     'amp_dtype': one_of(*AMP_DTYPES),
     'save_checkpoint_interval': at_least(0),
+    'eval_interval': at_least(1),
     # optimisation
     'batch_size': at_least(1),
     'epochs': at_least(1),
