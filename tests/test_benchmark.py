@@ -1,4 +1,5 @@
-"""tools/benchmark.py: the e2e table with minimal budgets on tiny models; moved sub-commands say where they went."""
+"""tools/benchmark.py: the e2e and train-step tables with minimal budgets on tiny models; moved sub-commands say where
+they went."""
 import pytest
 import torch
 
@@ -72,3 +73,44 @@ def test_e2e_restores_the_thread_count(tmp_path):
     argv = ['e2e', '--models', 'config/DINO/no_such.py', '--repeats', '1', '--threads', str(previous + 1)]
     assert benchmark.main(argv) == 2
     assert torch.get_num_threads() == previous
+
+
+def test_train_step_table_gives_the_kept_to_flushed_ratio():
+    rows = {'fresh': {False: {'steps': [0.6, 0.7, 0.5], 'flushed': False},
+                      True: {'steps': [0.6, 0.55, 0.65], 'flushed': True}},
+            'trained': {False: {'steps': [1.5, 1.4, 1.3], 'flushed': False},
+                        True: {'steps': [0.7, 0.8, 0.6], 'flushed': False}}}
+    (fresh, trained) = _table_rows(benchmark.train_step_table(rows))
+    assert fresh == ['fresh', '0.600 (0.500)', '0.600 (0.550)', '1.00x']
+    assert trained == ['trained', '1.400 (1.300)', '0.700 (0.600) (this CPU cannot flush)', '2.00x']
+
+
+@pytest.mark.slow
+def test_train_step_page_times_fresh_and_checkpointed_weights(tmp_path, tiny_run_options):
+    from datasets.synthetic import generate_synthetic_dataset
+    from models import build_model
+    from util.checkpoint import save_checkpoint
+    from util.config import load_config
+
+    data = tmp_path / 'data'
+    generate_synthetic_dataset(str(data), num_train=4, num_val=1, width=128, height=96)
+    options = [o for o in tiny_run_options if not o.startswith('msda_backend')]
+    model = build_model(load_config(benchmark.REPO_ROOT / benchmark.MODELS['tiny'], options))[0]
+    checkpoint = tmp_path / 'trained.pth'
+    save_checkpoint({'model': model.state_dict()}, str(checkpoint))
+    out = tmp_path / 'step.md'
+    argv = ['train-step', '--coco_path', str(data), '--checkpoint', str(checkpoint), '--warmup', '0', '--steps', '2',
+            '--threads', '1', '--options', *options, '--out', str(out)]
+    assert benchmark.main(argv) == 0
+    page = out.read_text()
+    assert 'python tools/benchmark.py train-step' in page and 'torch threads 1' in page
+    rows = _table_rows(page)
+    assert [row[0] for row in rows] == ['fresh (seed 0)', f'`{checkpoint}` (weights and AdamW state)']
+    for row in rows:
+        assert _number(row[1]) > 0 and _number(row[2]) > 0 and row[3].endswith('x')
+
+
+def test_train_step_failure_is_one_line(tmp_path, capsys):
+    assert benchmark.main(['train-step', '--coco_path', str(tmp_path / 'absent'), '--steps', '1']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('error: train-step: measuring fresh weights, subnormals kept failed')

@@ -1,7 +1,9 @@
-"""End-to-end CPU inference benchmark: latency, its split into backbones / fusion / transformer, and memory.
+"""CPU benchmarks of whole models: inference latency, its split and memory (``e2e``); training steps (``train-step``).
 
     python tools/benchmark.py e2e [--models tiny r50 swinl] [--height 512 --width 640] [--warmup 1 --repeats 3]
                                   [--threads N] [--out docs/benchmarks/e2e_cpu.md]
+    python tools/benchmark.py train-step --coco_path DATA [--config config/DINO/CAFF_tiny.py] [--checkpoint CKPT]
+                                  [--warmup 2 --steps 10] [--threads N] [--out PAGE]
 
 Not in the reference. The table is printed with the machine (CPU, cores, torch threads, load average) and the
 command line that produced it (``tools/bench_page.py``); ``--out`` writes the same as a Markdown page. The other
@@ -21,6 +23,12 @@ so that peak memory is that model's alone:
   peak is reset after the build (``/proc/self/clear_refs``) and read from ``VmHWM``, so it is the peak of
   inference alone; elsewhere it is ``getrusage`` ``ru_maxrss``, which includes the build.
 The deformable attention uses the ``--msda-backend`` path (default ``pytorch``: nothing is compiled).
+
+``train-step`` times what ``engine.train_one_epoch`` does per batch (forward, loss, backward, gradient clipping,
+AdamW step) on batches of the config's train split, median (min) of ``--steps`` after ``--warmup``. Each row is
+a fresh subprocess: with fresh weights and, given ``--checkpoint``, with its weights and optimizer state; each
+with subnormal floats kept and flushed (``util.device.set_flush_denormal``, which must precede the first kernel
+of a process). A trained model's gradients hold subnormals, which x86 cores compute on 10-100x slower.
 """
 import argparse
 import datetime
@@ -202,6 +210,114 @@ def run_e2e(args: argparse.Namespace) -> None:
     write_page(args.out, 'End-to-end CPU inference', body)
 
 
+# ------------------------------------------------------------------------------------------------ train-step
+
+def measure_train_steps(config: str, coco_path: str, checkpoint: str | None, flush: bool, warmup: int, steps: int,
+                        options: list[str]) -> dict:
+    """Seconds per training step in this process (see the module docstring): ``{'steps': [s, ...], 'flushed'}``.
+
+    The subnormal mode is set first, before any kernel starts torch's threads (they inherit it).
+    """
+    from util.device import set_flush_denormal
+    flushed = set_flush_denormal(flush) and flush
+    from torch.utils.data import DataLoader
+
+    from datasets import build_dataset
+    from engine import weighted_loss
+    from models import build_model
+    from util.checkpoint import load_checkpoint
+    from util.config import load_config
+    from util.misc import collate_fn
+    from util.optim import build_adamw, param_groups
+
+    cfg = load_config(REPO_ROOT / config if not os.path.isabs(config) else config,
+                      [f'coco_path={coco_path!r}', *options])
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(cfg)
+    optimizer = build_adamw(param_groups(model, cfg.lr, cfg.lr_backbone, set()), cfg.lr, cfg.weight_decay)
+    if checkpoint:
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state['model'])
+        if 'optimizer' in state:
+            optimizer.load_state_dict(state['optimizer'])
+    loader = DataLoader(build_dataset('train', cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
+    model.train()
+    criterion.train()
+    times: list[float] = []
+    batches = iter(())
+    while len(times) < warmup + steps:
+        try:
+            rgb, ir, targets = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        start = time.perf_counter()
+        loss = weighted_loss(criterion(model(rgb, ir, targets), targets), criterion.weight_dict)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.clip_max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_max_norm)
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {'steps': times[warmup:], 'flushed': flushed}
+
+
+def _train_step_subprocess(args: argparse.Namespace, weights: str | None, flush: bool) -> dict:
+    cmd = [sys.executable, str(REPO_ROOT / 'tools' / 'benchmark.py'), 'train-step', '--single',
+           '--config', args.config, '--coco_path', args.coco_path, '--flush', str(int(flush)),
+           '--warmup', str(args.warmup), '--steps', str(args.steps), '--threads', str(args.threads)]
+    if weights:
+        cmd += ['--checkpoint', weights]
+    if args.options:
+        cmd += ['--options', *args.options]
+    label = f'{"fresh weights" if weights is None else weights}, subnormals {"flushed" if flush else "kept"}'
+    print(f'train-step: {label} ...', file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ['no output']
+        raise BenchmarkError(f'train-step: measuring {label} failed with exit status {proc.returncode}: {tail[0]}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train_step_table(rows: dict[str, dict[bool, dict]]) -> str:
+    """``rows[weights][flush]`` -> Markdown: median (min) seconds per step, kept and flushed, and their ratio."""
+    def cell(result):
+        return f'{statistics.median(result["steps"]):.3f} ({min(result["steps"]):.3f})'
+
+    lines = ['| weights | subnormals kept, s/step median (min) | flushed, s/step median (min) | kept / flushed |',
+             '|---|---:|---:|---:|']
+    for weights, by_flush in rows.items():
+        kept, flushed = by_flush[False], by_flush[True]
+        ratio = statistics.median(kept['steps']) / statistics.median(flushed['steps'])
+        note = '' if flushed['flushed'] else ' (this CPU cannot flush)'
+        lines.append(f'| {weights} | {cell(kept)} | {cell(flushed)}{note} | {ratio:.2f}x |')
+    return '\n'.join(lines)
+
+
+def run_train_step(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    if args.single:
+        print(json.dumps(measure_train_steps(args.config, args.coco_path, args.checkpoint, bool(args.flush),
+                                             args.warmup, args.steps, args.options)))
+        return
+    machine = machine_description(args.threads)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    rows = {}
+    for weights in [None] + ([args.checkpoint] if args.checkpoint else []):
+        label = 'fresh (seed 0)' if weights is None else f'`{weights}` (weights and AdamW state)'
+        rows[label] = {flush: _train_step_subprocess(args, weights, flush) for flush in (False, True)}
+    body = '\n'.join([
+        f'Measured {started:%Y-%m-%d %H:%M} UTC with `{command_line("tools/benchmark.py", args.argv)}`.', '',
+        f'Machine: {machine}.', '',
+        f'One training step of `{args.config}` (forward, loss, backward, gradient clipping, AdamW) on batches of '
+        f'the train split of `{args.coco_path}`: {args.warmup} warm-up + {args.steps} timed steps per row, each '
+        'in its own process.' + (f' Config overrides: `{" ".join(args.options)}`.' if args.options else ''), '',
+        train_step_table(rows),
+    ])
+    write_page(args.out, 'CPU training step: subnormal floats kept and flushed', body)
+
+
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -220,6 +336,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     e2e.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides for every model')
     e2e.add_argument('--out', help='also write the Markdown page here, e.g. docs/benchmarks/e2e_cpu.md')
     e2e.add_argument('--single', metavar='CONFIG', help='measure this config in this process; print one JSON line')
+    step = sub.add_parser('train-step', help='CPU training-step time, fresh and trained weights, subnormals kept '
+                                             'and flushed')
+    step.add_argument('--config', default=MODELS['tiny'], help=f'config file (default {MODELS["tiny"]})')
+    step.add_argument('--coco_path', required=True, help='data set root whose train split supplies the batches')
+    step.add_argument('--checkpoint', help='also time from this checkpoint (e.g. a finished run\'s checkpoint.pth)')
+    step.add_argument('--warmup', type=int, default=2, help='untimed steps first (default 2)')
+    step.add_argument('--steps', type=int, default=10, help='timed steps (default 10)')
+    step.add_argument('--threads', type=int, default=torch.get_num_threads(),
+                      help=f'torch CPU threads (default here: {torch.get_num_threads()})')
+    step.add_argument('--options', nargs='+', default=[], metavar='KEY=VALUE', help='config overrides')
+    step.add_argument('--out', help='also write the Markdown page here')
+    step.add_argument('--single', action='store_true', help='one row in this process; print one JSON line')
+    step.add_argument('--flush', type=int, choices=(0, 1), default=1, help='with --single: flush subnormals (1)')
 
     return parser
 
@@ -231,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     def run(args):
         args.argv = argv
-        run_e2e(args)
+        (run_e2e if args.command == 'e2e' else run_train_step)(args)
 
     return run_command(get_args_parser(), run, argv)
 
