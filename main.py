@@ -65,13 +65,8 @@ from util.training_checkpoint import ResumeState, build_training_checkpoint, res
 # CLI flags that are config keys: given on the command line they override the config value.
 CONFIG_OVERRIDES = ('dataset_file', 'coco_path', 'output_dir', 'device', 'seed', 'num_workers', 'amp')
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
-DEMO_CONFIG = os.path.join(REPO_ROOT, 'config', 'DINO', 'CAFF_tiny.py')
+DEMO_CONFIG = os.path.join(REPO_ROOT, 'config', 'DINO', 'CAFF_demo.py')  # CAFF_tiny.py as the demo trains it
 DEMO_DATA = 'data/synthetic_llvip'
-# What --demo sets on top of CAFF_tiny.py (--options and the flags still win): score the final epoch with the
-# exponential moving average of the weights, whose validation AP does not swing from epoch to epoch as the
-# trained weights' does at the demo's high learning rate. Decay 0.99: an average over the last ~100 of the 500
-# steps (the first weights keep 0.99^500 < 1 %).
-DEMO_OPTIONS = {'use_ema': True, 'ema_decay': 0.99}
 LAST_CHECKPOINT = 'checkpoint.pth'
 BEST_CHECKPOINT = 'checkpoint_best_regular.pth'
 BEST_EMA_CHECKPOINT = 'checkpoint_best_ema.pth'
@@ -84,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config_file', '-c', help='Python config file, e.g. config/DINO/DINO_4scale.py')
     parser.add_argument('--demo', action='store_true',
                         help=f'generate the synthetic data set into {DEMO_DATA} (if absent), train '
-                             'config/DINO/CAFF_tiny.py on it on the CPU and evaluate')
+                             'config/DINO/CAFF_demo.py on it on the CPU and evaluate')
     parser.add_argument('--options', nargs='+', metavar='KEY=VALUE', default=[],
                         help='override config keys, e.g. --options epochs=2 lr=2e-4 caff_kernel_sizes=[1,5,7]')
     keys = parser.add_argument_group('config keys (override the config file)')
@@ -121,7 +116,7 @@ def load_run_config(args: argparse.Namespace):
             args.coco_path = DEMO_DATA
     if not args.config_file:
         raise UsageError('main.py: a config file is required: -c config/DINO/<name>.py (or --demo)')
-    options = {**(DEMO_OPTIONS if args.demo else {}), **parse_options(args.options)}
+    options = parse_options(args.options)
     options.update({k: getattr(args, k) for k in CONFIG_OVERRIDES if getattr(args, k) is not None})
     return load_config(args.config_file, options)
 
@@ -186,8 +181,7 @@ def setup(args: argparse.Namespace) -> tuple[Config, torch.device, bool]:
     setup_logger(cfg.output_dir, dist.get_rank())
     logger.info('command: ' + ' '.join(sys.argv))
     if args.demo:  # the trajectory depends on the thread count (OMP_NUM_THREADS=1 for one)
-        logger.info(f'demo: {torch.get_num_threads()} torch threads; demo options ' +
-                    ' '.join(f'{k}={v}' for k, v in DEMO_OPTIONS.items()))
+        logger.info(f'demo: {torch.get_num_threads()} torch threads')
     subnormals = ('flushed to 0' if flushing else 'kept: this CPU cannot flush them') if cfg.flush_denormal else 'kept'
     logger.info(f'config: {args.config_file}; output dir: {os.path.abspath(cfg.output_dir)}; device: {device}; '
                 f'world size: {dist.get_world_size()}; CPU subnormal floats {subnormals}')

@@ -69,5 +69,5 @@ def build_model(cfg):
                                     cfg.dec_layers, cfg.use_dn, cfg.aux_loss)
     criterion = SetCriterion(cfg.num_classes, matcher=matcher, weight_dict=weight_dict,
                              focal_alpha=cfg.focal_alpha)
-    postprocessors = {'bbox': PostProcess(num_select=cfg.num_select)}
+    postprocessors = {'bbox': PostProcess(num_select=cfg.num_select, nms_iou_threshold=cfg.nms_iou_threshold)}
     return model, criterion, postprocessors

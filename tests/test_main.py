@@ -89,13 +89,17 @@ def test_demo_defaults_to_the_tiny_config_and_the_synthetic_data(tmp_path, monke
         main.resolve_device('gpu0')
 
 
-def test_demo_options_apply_to_the_demo_only_and_yield_to_the_command_line():
+def test_the_demo_config_is_caff_tiny_scored_with_ema_and_nms_and_yields_to_the_command_line():
     demo = main.load_run_config(main.get_args_parser().parse_args(['--demo']))
-    assert all(getattr(demo, k) == v for k, v in main.DEMO_OPTIONS.items())
+    tiny = main.load_run_config(main.get_args_parser().parse_args(['-c', str(REPO / TINY)]))
+    differs = {k for k in tiny.to_dict() if tiny.to_dict()[k] != demo.to_dict()[k]}
+    assert differs == {'output_dir', 'use_ema', 'ema_decay', 'nms_iou_threshold', 'eval_interval'}
+    assert demo.use_ema and 0 < demo.nms_iou_threshold <= 1 and not tiny.use_ema and tiny.nms_iou_threshold <= 0
+    assert demo.epochs % demo.eval_interval == 0, 'the demo evaluates its last epoch on schedule'
     overridden = main.load_run_config(main.get_args_parser().parse_args(['--demo', '--options', 'ema_decay=0.9']))
     assert overridden.ema_decay == 0.9 and overridden.use_ema
-    plain = main.load_run_config(main.get_args_parser().parse_args(['-c', main.DEMO_CONFIG]))
-    assert not plain.use_ema, "CAFF_tiny.py itself (the tests' config) keeps the EMA off"
+    chosen = main.load_run_config(main.get_args_parser().parse_args(['--demo', '-c', str(REPO / TINY)]))
+    assert not chosen.use_ema, '-c picks the config of a --demo run'
 
 
 @pytest.mark.slow

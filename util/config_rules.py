@@ -180,6 +180,7 @@ VALUE_RULES: dict[str, Rule] = {
     'interm_loss_coef': at_least(0),
     'focal_alpha': probability(),
     'num_select': at_least(1),
+    'nms_iou_threshold': between(-1, 1, what='an IoU; <= 0: no NMS'),
 }
 
 

@@ -10,10 +10,9 @@ output_dir = 'outputs/caff_tiny'
 device = 'cpu'
 num_workers = 0
 
-# Half the synthetic frames' 320x256, sized for `python main.py --demo` (200 training pairs, 10 epochs, and the
-# EMA weights that main.py's DEMO_OPTIONS add) on 2 CPU cores: 6-7 min on a quiet AMD EPYC VM before the EMA, about
-# 11-12 min on the Intel Xeon VM of README.md; its measured AP50 per thread count and machine is in README.md (the
-# trajectory depends on both).
+# Half the synthetic frames' 320x256, sized for `python main.py --demo` (CAFF_demo.py: this config with the EMA
+# weights, NMS and two evaluations; 200 training pairs, 10 epochs) on 2 CPU cores: its time and AP50 per thread count
+# are in README.md (the trajectory depends on the thread count and the machine).
 data_aug_scales = [112, 128, 144]
 data_aug_max_size = 192
 data_aug_scales2_resize = [256]  # the crop branch crops the full frame, then resizes like the other branch

@@ -1,7 +1,7 @@
 # CAFF-DINO, ResNet-50 backbones, 4 feature levels: every model and training key with the reference value.
 # This file and its base define the set of known keys (util/config.py); other configs override a subset.
 # Keys of the reference SLConfig that no code read (param_dict_type, query_dim, two_stage_type, matcher_type,
-# decoder_sa_type, nms_iou_threshold, batch_norm_type, legacy dabdetr/pdetr keys, ...) are dropped.
+# decoder_sa_type, batch_norm_type, legacy dabdetr/pdetr keys, ...) are dropped.
 
 _base_ = ['coco_transformer.py']
 
@@ -104,3 +104,4 @@ focal_alpha = 0.25
 
 # Post-processing
 num_select = 300  # top-k (query, class) pairs kept per image
+nms_iou_threshold = -1.0  # > 0: class-agnostic NMS of those at this IoU (DINO's option); <= 0: none, as the reference
