@@ -15,16 +15,20 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
            and hasattr(torch.ops.mkldnn, '_linear_pointwise'))
 
 
-def tracing() -> bool:
+def tracing(*tensors: Tensor | None) -> bool:
     """Whether a tracer records this call (``torch.export`` / ONNX export, ``torch.compile``, ``torch.jit.trace``):
     it sees fake tensors, so kernels without a registered meta function and caches keyed on storage must step
-    aside for plain ops."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    aside for plain ops. Non-strict ``torch.export`` (the ONNX exporter's first try) sets none of the flags, so a
+    fake or meta tensor among ``tensors`` counts too."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    return any(t is not None and (isinstance(t, FakeTensor) or t.is_meta) for t in tensors)
 
 
 def onednn_applies(*tensors: Tensor | None) -> bool:
@@ -32,7 +36,7 @@ def onednn_applies(*tensors: Tensor | None) -> bool:
     no gradient to compute (the fused kernels have no backward), and no tracer at work (``torch.export`` / ONNX
     export and the other tracers of :func:`tracing` record the plain ops, which they know how to lower)."""
     present = [t for t in tensors if t is not None]
-    if not _ONEDNN or tracing() or any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in present):
+    if not _ONEDNN or tracing(*present) or any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in present):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 

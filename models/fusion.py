@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_layers import tracing
 from .utils import DerivedTensors
 
 # State-dict names of the three CAFF branches, by position; the reference kernel sizes are 1, 5 (named k3) and 7.
@@ -238,7 +239,7 @@ class CrossSpectrumAttention(nn.Module):
             raise ValueError(f'CrossSpectrumAttention expects two maps of shape (B, {self.channels}, H, W); '
                              f'got {tuple(x1.shape)} and {tuple(x2.shape)}')
         height, width = x1.shape[-2:]
-        if torch.compiler.is_compiling():  # torch.export / compile: sizes are symbolic, the cache needs ints
+        if tracing(x1):  # torch.export / compile: sizes are symbolic and tensors fake, the cache needs ints
             pos = _combined_position_encoding.__wrapped__(self.channels, height, width, x1.device, x1.dtype)
         else:
             pos = _combined_position_encoding(self.channels, height, width, x1.device, x1.dtype)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from util.misc import NestedTensor
 
+from .fused_layers import tracing
 from .utils import interleaved_sin_cos, sine_frequencies
 
 
@@ -48,7 +49,8 @@ class PositionEmbeddingSineHW(nn.Module):
 
     def _encode(self, embed: Tensor, temperature: float) -> Tensor:
         """(B, H, W) positions -> (B, H, W, F) interleaved sin/cos features."""
-        return interleaved_sin_cos(embed[..., None] / sine_frequencies(self.num_pos_feats, temperature, embed.device))
+        freqs = sine_frequencies(self.num_pos_feats, temperature, embed.device, cached=not tracing(embed))
+        return interleaved_sin_cos(embed[..., None] / freqs)
 
     def forward(self, tensor_list: NestedTensor) -> Tensor:
         """tensor_list.mask (B, H, W) bool, True on padding -> (B, 2*num_pos_feats, H, W) float32."""

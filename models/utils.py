@@ -55,13 +55,15 @@ def get_clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
 
 
-def sine_frequencies(num_pos_feats: int, temperature: float, device: torch.device) -> Tensor:
+def sine_frequencies(num_pos_feats: int, temperature: float, device: torch.device, cached: bool = True) -> Tensor:
     """``temperature ** (2 * i / num_pos_feats)`` for i = 0 .. num_pos_feats / 2 - 1, float32: the divisor shared
     by features 2i (sin) and 2i + 1 (cos) of a DETR-style sine embedding (DETR writes it as ``dim_t[k]`` with
-    ``k // 2``; the values are the same). Cached per argument triple."""
+    ``k // 2``; the values are the same). Cached per argument triple; ``cached=False`` (under a tracer, whose
+    tensors are fake and must not outlive it) builds it afresh."""
     if num_pos_feats % 2:
         raise ValueError(f'sine embedding: num_pos_feats must be even (sin/cos pairs), got {num_pos_feats}')
-    return _sine_frequencies(num_pos_feats, float(temperature), torch.device(device))
+    build = _sine_frequencies if cached else _sine_frequencies.__wrapped__
+    return build(num_pos_feats, float(temperature), torch.device(device))
 
 
 @functools.lru_cache(maxsize=32)
@@ -93,7 +95,7 @@ def gen_sineembed_for_position(pos: Tensor, num_pos_feats: int = 128, temperatur
     if pos.shape[-1] not in (2, 4):
         raise ValueError(f'gen_sineembed_for_position: last dim must be 2 (x, y) or 4 (cx, cy, w, h), '
                          f'got shape {tuple(pos.shape)}')
-    freqs = sine_frequencies(num_pos_feats, temperature, pos.device)
+    freqs = sine_frequencies(num_pos_feats, temperature, pos.device, cached=not fused_layers.tracing(pos))
     order = [1, 0, 2, 3][:pos.shape[-1]]  # DINO's order: y first, then x (then w, h)
     coords = pos[..., order]
     embedded = interleaved_sin_cos(coords[..., None] * (2 * math.pi) / freqs)  # (..., 2 or 4, F)
@@ -130,7 +132,7 @@ class DerivedTensors:
             build: Callable[[], tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return build()
-        if fused_layers.tracing() or any(t.is_inference() for t in sources):  # fake tensors / no version counter
+        if fused_layers.tracing(*sources) or any(t.is_inference() for t in sources):  # fake tensors / no version counter
             return build()
         stamp = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
         entry = self._entries.get(key)

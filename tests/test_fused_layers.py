@@ -66,3 +66,16 @@ def test_the_fused_kernels_only_serve_float32_cpu_tensors_without_autograd():
         assert fused_layers.onednn_applies(x, weight) == fused_layers._ONEDNN
     with pytest.raises(ValueError, match='residual and relu'):
         fused_layers.linear(x, weight, None, residual=x, relu=True)
+
+
+def test_fake_tensors_count_as_tracing_and_get_the_plain_ops():
+    """Non-strict ``torch.export`` (the ONNX exporter's first try) runs the model on fake tensors without setting
+    the compile/export flags: the fused kernels (no fake implementation) must step aside for it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, weight, bias = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    assert not fused_layers.tracing(x, None) and not fused_layers.tracing()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        fake = mode.from_tensor(x)
+        assert fused_layers.tracing(fake) and not fused_layers.onednn_applies(fake, weight, bias)
+        assert fused_layers.linear(fake, weight, bias, relu=True).shape == (4, 6)
+    assert fused_layers.tracing(torch.empty(2, device='meta'))

@@ -88,3 +88,19 @@ def test_derived_tensors_cache_until_a_source_changes():
         (d,) = cache.get('w', [weight], build)
     assert d is c and not d.is_inference()
     assert len(copy.deepcopy(cache)) == 0
+
+
+def test_nothing_built_from_fake_tensors_is_cached():
+    """What a tracer computes is fake; cached, it would break the next eager call (the ONNX parity check)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    cache, weight = DerivedTensors(), torch.randn(3)
+    pos = torch.rand(2, 5, 4)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        fake_weight, fake_pos = mode.from_tensor(weight), mode.from_tensor(pos)
+        assert isinstance(cache.get('w', [fake_weight], lambda: (fake_weight * 2,))[0], FakeTensor)
+        assert len(cache) == 0
+        gen_sineembed_for_position(fake_pos, 18)  # a width no other test uses: its frequencies are not cached yet
+    eager = gen_sineembed_for_position(pos, 18)
+    assert not isinstance(eager, FakeTensor) and torch.isfinite(eager).all()
+    with torch.no_grad():
+        assert torch.equal(cache.get('w', [weight], lambda: (weight * 2,))[0], weight * 2) and len(cache) == 1
