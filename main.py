@@ -4,7 +4,7 @@
         --pretrain_model_coco=./coco_pretrained_weights/checkpoint0027_5scale_swin.pth
     python main.py -c CONFIG --coco_path DIR --eval --resume OUTPUT_DIR/checkpoint_best_regular.pth
     torchrun --nproc_per_node=2 main.py -c CONFIG ...          (DDP: NCCL on GPU, gloo on CPU)
-    python main.py --demo                                      (synthetic data, tiny model, CPU, 6-12 min on 2 cores)
+    python main.py --demo                                      (synthetic data, tiny model, CPU, 5-8 min on 2 cores)
 
 Follows CAFF-DINO's ``main.py`` (DINO's, with the fusion pretrain path). What differs:
 - The config file is the one source of truth. ``--dataset_file --coco_path --output_dir --device --seed

@@ -185,7 +185,7 @@ def test_reference_checkpoint_with_args_namespace_loads(workspace, tmp_path):
     state = {f'module.{k}': v for k, v in workspace['model'].state_dict().items()}
     values = {k: v for k, v in cfg.to_dict().items() if k not in ('fusion_type', 'msda_backend')}
     values.update(device='cuda', focal_alpha='not a float')  # a value whose type does not fit is ignored
-    args = argparse.Namespace(**values, modelname='dino', two_stage_type='standard', nms_iou_threshold=-1)
+    args = argparse.Namespace(**values, modelname='dino', two_stage_type='standard', decoder_sa_type='sa')
     path = tmp_path / 'checkpoint_best_regular.pth'
     torch.save({'model': state, 'optimizer': {}, 'epoch': 11, 'args': args}, path)
     det = Detector.from_checkpoint(path, device='cpu')
@@ -229,7 +229,7 @@ def test_readme_example_runs(tiny_model_options, workspace, tmp_path, monkeypatc
     with torch.no_grad():  # a confident 'person' head (shared by every decoder layer), so that scores pass 0.3
         model.class_embed[-1].bias[1] = 3.0
     save_checkpoint({'model': model.state_dict(), 'config': cfg.to_dict()},
-                    'outputs/caff_tiny/checkpoint_best_regular.pth')
+                    'outputs/caff_demo/checkpoint_best_ema.pth')
     exec(compile(code, 'README.md', 'exec'), {})
     lines = capsys.readouterr().out.splitlines()
     assert lines, 'the example printed nothing'

@@ -1,7 +1,7 @@
 """The Python inference API: a trained CAFF-DINO as an object that takes RGB + thermal images and returns boxes.
 
     from tools.detector import Detector
-    det = Detector.from_checkpoint('outputs/caff_tiny/checkpoint_best_regular.pth')   # config saved in it
+    det = Detector.from_checkpoint('outputs/caff_demo/checkpoint_best_ema.pth')   # config saved in it
     result = det.predict('rgb/000001.png', 'ir/000001.png', score_threshold=0.3)
     result['boxes'], result['scores'], result['labels'], result['names']
 

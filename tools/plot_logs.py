@@ -7,7 +7,7 @@ the evaluation after each epoch. Several runs can be overlaid (``--labels`` name
 
 matplotlib is an optional dependency: only this tool imports it.
 
-    python tools/plot_logs.py outputs/caff_tiny/log.txt --out outputs/caff_tiny/curves.png
+    python tools/plot_logs.py outputs/caff_demo/log.txt --out outputs/caff_demo/curves.png
 """
 from __future__ import annotations
 
