@@ -17,5 +17,5 @@ ema_decay = 0.99
 # at IoU 0.7 removes them (the synthetic objects never overlap; 0.7 also keeps side-by-side pedestrians).
 nms_iou_threshold = 0.7
 
-# Evaluate after epochs 5 and 10 only: each evaluation (trained and EMA weights) costs ~10 s of a ~7 min run.
+# Evaluate after epochs 5 and 10 only: each evaluation (trained and EMA weights) costs ~10 s of a ~5.5 min run.
 eval_interval = 5
