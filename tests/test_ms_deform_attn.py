@@ -191,6 +191,17 @@ def test_auto_picks_cpu_kernel_and_matches_pytorch(msda_inputs, cpu_extension):
     torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
 
 
+def test_fake_tensors_take_the_pytorch_formula_whatever_the_backend(msda_inputs, cpu_extension):
+    """Non-strict torch.export runs on fake tensors with no tracer flag set; the compiled op has no fake kernel."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    inputs = msda_inputs(dtype=torch.float32)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, warnings.catch_warnings():
+        warnings.simplefilter('error')  # no self-check on fake tensors, no fallback warning
+        value, *rest = (mode.from_tensor(t) for t in inputs)
+        out = ms_deform_attn(value, *rest, spatial_shapes_list=[(3, 5), (1, 4), (6, 1), (2, 2)], backend='cpu')
+    assert isinstance(out, FakeTensor) and out.shape == (2, 7, 15)
+
+
 def test_environment_variable_overrides_the_config_and_is_logged_once(monkeypatch):
     logged = []
     monkeypatch.setattr(ms_deform_attn_func.logger, 'warning', lambda *args: logged.append(args))

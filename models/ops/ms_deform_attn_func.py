@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 from util.errors import UsageError
 
+from ..fused_layers import tracing
 from .ms_deform_attn_pytorch import ms_deform_attn_pytorch
 
 logger = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
     `problem` = (heads, head size, levels, points) of the self-check, when one runs. Builds, imports and
     self-checks candidates as needed (each once per process); warns once when the first candidate is not used.
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if tracing():
         return 'pytorch'
     order, reason = candidates(backend, device)
     reasons = [reason] if reason else []
@@ -309,7 +310,8 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
     value, sampling_locations, attention_weights = (
         t.to(dtype) for t in (value, sampling_locations, attention_weights))
     _, _, heads, head_dim = value.shape
-    chosen = resolve_backend(backend, value.device, dtype, (heads, head_dim, *sampling_locations.shape[3:5]))
+    chosen = 'pytorch' if tracing(value) else resolve_backend(backend, value.device, dtype,
+                                                               (heads, head_dim, *sampling_locations.shape[3:5]))
     if chosen == 'pytorch':
         out = ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights,
                                      spatial_shapes_list)
