@@ -114,3 +114,13 @@ def test_train_step_failure_is_one_line(tmp_path, capsys):
     assert benchmark.main(['train-step', '--coco_path', str(tmp_path / 'absent'), '--steps', '1']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('error: train-step: measuring fresh weights, subnormals kept failed')
+
+
+@pytest.mark.slow
+def test_train_step_with_fewer_pairs_than_a_batch_is_one_line(tmp_path, capsys):
+    from datasets.synthetic import generate_synthetic_dataset
+    generate_synthetic_dataset(str(tmp_path), num_train=1, num_val=1, width=128, height=96)
+    assert benchmark.main(['train-step', '--coco_path', str(tmp_path), '--steps', '1', '--threads', '1']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('error: train-step: measuring fresh weights, subnormals kept failed with exit status 2:')
+    assert 'fewer pairs than one batch (batch_size=4)' in err[-1] and 'error: error' not in err[-1]

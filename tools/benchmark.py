@@ -148,6 +148,16 @@ def measure_model(config: str, height: int, width: int, warmup: int, repeats: in
     return result
 
 
+def _single_run(cmd: list[str], what: str) -> dict:
+    """Run one ``--single`` measurement in a fresh process; its last stdout line is the JSON result. A failure is
+    a ``BenchmarkError`` naming ``what`` with the child's one-line error."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines()[-1:] or ['no output'])[0].removeprefix('error: ')
+        raise BenchmarkError(f'{what} failed with exit status {proc.returncode}: {tail}')
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _e2e_subprocess(name: str, args: argparse.Namespace) -> dict:
     config = MODELS.get(name, name)
     cmd = [sys.executable, str(REPO_ROOT / 'tools' / 'benchmark.py'), 'e2e', '--single', config,
@@ -157,11 +167,7 @@ def _e2e_subprocess(name: str, args: argparse.Namespace) -> dict:
         cmd += ['--options', *args.options]
     print(f'e2e: {name} ({config}) ...', file=sys.stderr, flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ['no output']
-        raise BenchmarkError(f'e2e: measuring {name} ({config}) failed with exit status {proc.returncode}: {tail[0]}')
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _single_run(cmd, f'e2e: measuring {name} ({config})')
     print(f'e2e: {name} done in {time.perf_counter() - started:.0f} s', file=sys.stderr, flush=True)
     return result
 
@@ -242,6 +248,9 @@ def measure_train_steps(config: str, coco_path: str, checkpoint: str | None, flu
             optimizer.load_state_dict(state['optimizer'])
     loader = DataLoader(build_dataset('train', cfg), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=collate_fn, generator=torch.Generator().manual_seed(0))
+    if len(loader) == 0:
+        raise BenchmarkError(f'the train split of {coco_path} has fewer pairs than one batch '
+                             f'(batch_size={cfg.batch_size}); lower it with --options batch_size=N')
     model.train()
     criterion.train()
     times: list[float] = []
@@ -273,11 +282,7 @@ def _train_step_subprocess(args: argparse.Namespace, weights: str | None, flush:
         cmd += ['--options', *args.options]
     label = f'{"fresh weights" if weights is None else weights}, subnormals {"flushed" if flush else "kept"}'
     print(f'train-step: {label} ...', file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ['no output']
-        raise BenchmarkError(f'train-step: measuring {label} failed with exit status {proc.returncode}: {tail[0]}')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _single_run(cmd, f'train-step: measuring {label}')
 
 
 def train_step_table(rows: dict[str, dict[bool, dict]]) -> str:
