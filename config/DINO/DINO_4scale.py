@@ -26,8 +26,8 @@ print_freq = 10  # iterations between progress lines
 save_checkpoint_interval = 1  # epochs between numbered checkpoints (checkpoint.pth is written every epoch)
 eval_interval = 1  # epochs between evaluations (and best-checkpoint choices); the last epoch is always evaluated
 # CPU: subnormal floats (|x| < 1.2e-38) read and computed as 0, in every torch thread. x86 cores take 10-100x
-# longer on them, and a trained model's gradients hold many: the demo's training step slowed from 0.6 to 1.4 s by
-# its last epoch without this (2 threads). Not in the reference (which trains on GPUs, whose kernels flush too).
+# longer on them, and a trained model's gradients hold many: from the demo's 10-epoch checkpoint a training step
+# takes 1.28 s without this and 0.50 s with it (2 threads, docs/benchmarks/demo.md). Not in the reference.
 flush_denormal = True
 tensorboard = False  # also log losses, lr and AP to OUTPUT_DIR/tensorboard/ (needs the package); reference: none
 
