@@ -378,6 +378,46 @@ def test_module_sampling_locations_for_2d_and_4d_references(monkeypatch):
         layer(query, ref4[..., :3], flat, spatial_shapes, level_start_index)
 
 
+@pytest.mark.parametrize('n_points', [2, 3])
+def test_module_sampling_locations_are_the_reference_expressions_bit_for_bit(monkeypatch, n_points):
+    """The fused location updates round like the reference's: exactly for 2-d points (addcdiv, compact or
+    expanded), up to a fused multiply-add's last bit for 4-d boxes (addcmul)."""
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=n_points)
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=3.0)
+    query, flat, spatial_shapes, level_start_index, gen = module_inputs()
+    seen = []
+    monkeypatch.setattr(ms_deform_attn_layer, 'ms_deform_attn',
+                        lambda value, shapes, starts, locations, weights, *rest: seen.append(locations) or
+                        ms_deform_attn_pytorch(value, shapes, locations, weights, rest[1]))
+    offsets = layer.sampling_offsets(query).view(2, 5, 2, 2, n_points, 2)
+    ref2, ref4 = torch.rand(2, 5, 2, 2, generator=gen), torch.rand(2, 5, 2, 4, generator=gen)
+    normalizer = spatial_shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
+    compact = layer(query, ref2, flat, spatial_shapes, level_start_index)
+    expanded = layer(query, layer.expand_reference_points(ref2), flat, spatial_shapes, level_start_index)
+    layer(query, ref4, flat, spatial_shapes, level_start_index)
+    want2 = ref2[:, :, None, :, None, :] + offsets / normalizer
+    want4 = ref4[:, :, None, :, None, :2] + offsets / n_points * ref4[:, :, None, :, None, 2:] * 0.5
+    assert torch.equal(seen[0], want2) and torch.equal(seen[1], want2)
+    torch.testing.assert_close(seen[2], want4, rtol=2e-7, atol=1e-7)
+    assert torch.equal(compact, expanded)
+    with pytest.raises(ValueError, match='expanded reference_points must be'):
+        layer(query, layer.expand_reference_points(ref2)[:, :, :1], flat, spatial_shapes, level_start_index)
+
+
+@pytest.mark.parametrize('grad', [False, True])
+def test_module_identity_is_added_by_the_output_projection(grad):
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    torch.nn.init.normal_(layer.output_proj.bias)
+    query, flat, spatial_shapes, level_start_index, gen = module_inputs()
+    ref = torch.rand(2, 5, 2, 2, generator=gen)
+    identity = torch.randn(2, 5, 16, generator=gen)
+    with torch.set_grad_enabled(grad):
+        plain = layer(query, ref, flat, spatial_shapes, level_start_index)
+        added = layer(query, ref, flat, spatial_shapes, level_start_index, identity=identity)
+    assert added.requires_grad == grad
+    torch.testing.assert_close(added, plain + identity, rtol=1e-6, atol=1e-6)
+
+
 def test_module_padding_mask_ignores_padded_values():
     layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
     query, flat, spatial_shapes, level_start_index, gen = module_inputs()

@@ -15,6 +15,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .. import fused_layers
 from .ms_deform_attn_func import check_backend_name, ms_deform_attn
 
 
@@ -75,20 +76,24 @@ class MSDeformAttn(nn.Module):
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
                 input_spatial_shapes: torch.Tensor, input_level_start_index: torch.Tensor,
                 input_padding_mask: torch.Tensor | None = None,
-                spatial_shapes_list: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+                spatial_shapes_list: Sequence[tuple[int, int]] | None = None,
+                identity: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             query: (N, Lq, C).
             reference_points: (N, Lq, L, 2) as (x, y) in [0, 1], or (N, Lq, L, 4) as (cx, cy, w, h) in [0, 1],
-                relative to each level's padded map.
+                relative to each level's padded map; 2-d points may come expanded to (N, Lq, M, L, P, 2)
+                (:meth:`expand_reference_points`).
             input_flatten: (N, S, C), levels flattened and concatenated, S = sum_l H_l * W_l.
             input_spatial_shapes: (L, 2) int64 (H_l, W_l).
             input_level_start_index: (L,) int64 offset of each level in S.
             input_padding_mask: (N, S) bool, True on padding (its value is zeroed), or None.
             spatial_shapes_list: optional [(H_l, W_l)] as Python ints (lets the pytorch path avoid a host sync).
+            identity: optional (N, Lq, C) added to the output (the caller's residual), taken by the output
+                projection's kernel.
 
         Returns:
-            (N, Lq, C).
+            (N, Lq, C), ``+ identity`` if given.
         """
         n, lq, _ = query.shape
         _, s, _ = input_flatten.shape
@@ -96,26 +101,50 @@ class MSDeformAttn(nn.Module):
         if tuple(input_spatial_shapes.shape) != (n_levels, 2):
             raise ValueError(f"MSDeformAttn: input_spatial_shapes must be ({n_levels}, 2) for n_levels={n_levels}, "
                              f"got {tuple(input_spatial_shapes.shape)}")
-        value = self.value_proj(input_flatten)
+        value = fused_layers.linear(input_flatten, self.value_proj.weight, self.value_proj.bias)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            value = value.masked_fill_(input_padding_mask[..., None], 0.0)  # a fresh tensor: no copy needed
         value = value.view(n, s, m, self.d_model // m)
-        offsets = self.sampling_offsets(query).view(n, lq, m, n_levels, n_points, 2)
-        weights = self.attention_weights(query).view(n, lq, m, n_levels * n_points).softmax(-1)
+        offsets = fused_layers.linear(query, self.sampling_offsets.weight, self.sampling_offsets.bias)
+        offsets = offsets.view(n, lq, m, n_levels, n_points, 2)
+        weights = fused_layers.linear(query, self.attention_weights.weight, self.attention_weights.bias)
+        weights = weights.view(n, lq, m, n_levels * n_points).softmax(-1)
         weights = weights.view(n, lq, m, n_levels, n_points)
-        if reference_points.shape[-1] == 2:
+        if reference_points.dim() == 6 or reference_points.shape[-1] == 2:
             # offsets are in pixels of each level: divide by (W_l, H_l).
+            if reference_points.dim() == 6:
+                self._check_expanded(reference_points, n, lq)
+            else:
+                reference_points = reference_points[:, :, None, :, None, :]
             normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            locations = torch.addcdiv(reference_points, offsets, normalizer[None, None, None, :, None, :])
         elif reference_points.shape[-1] == 4:
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+            # ref_xy + (offsets / P) * (wh * 0.5): the reference's ref_xy + ((offsets / P) * wh) * 0.5 up to the
+            # last bit (0.5 is a power of 2, but the kernel may fuse the multiply-add into one rounding)
+            locations = torch.addcmul(reference_points[:, :, None, :, None, :2], offsets / n_points,
+                                      reference_points[:, :, None, :, None, 2:] * 0.5)
         else:
-            raise ValueError("MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), got shape "
+            raise ValueError("MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), or be "
+                             "expanded to 6 dimensions, got shape "
                              f"{tuple(reference_points.shape)}")
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights,
                              self.im2col_step, spatial_shapes_list, self.backend)
-        return self.output_proj(out)
+        return fused_layers.linear(out, self.output_proj.weight, self.output_proj.bias, residual=identity)
+
+    def expand_reference_points(self, reference_points: torch.Tensor) -> torch.Tensor:
+        """``(N, Lq, L, 2)`` points -> ``(N, Lq, M, L, P, 2)``, the same point for every head and sampling point,
+        written out. :meth:`forward` takes either; a caller that gives the same points to several layers (the
+        encoder) expands them once, and each layer's location update then reads two dense tensors instead of a
+        broadcast one (about 8x faster on the CPU for the encoder's 6800 tokens)."""
+        n, lq, levels, _ = reference_points.shape
+        return reference_points[:, :, None, :, None, :].expand(n, lq, self.n_heads, levels, self.n_points, 2
+                                                                ).contiguous()
+
+    def _check_expanded(self, reference_points: torch.Tensor, n: int, lq: int) -> None:
+        want = (n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        if tuple(reference_points.shape) != want:
+            raise ValueError(f"MSDeformAttn: expanded reference_points must be {want} (expand_reference_points), "
+                             f"got {tuple(reference_points.shape)}")
 
     def extra_repr(self) -> str:
         return (f'd_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, '
