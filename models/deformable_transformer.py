@@ -97,15 +97,26 @@ def feed_forward_residual(x: Tensor, linear1: nn.Linear, activation, dropout_mid
     """``x + dropout_out(linear2(dropout_mid(activation(linear1(x)))))`` for ``x`` (..., C).
 
     The ReLU and, with inactive dropout (eval, or p = 0 as in the DINO configs), the residual are taken by the
-    linear layers themselves (``models/fused_layers.py``: one oneDNN kernel each on the CPU without autograd).
+    linear layers themselves (``models/fused_layers.py``: one oneDNN kernel each on the CPU without autograd,
+    in cache-sized row blocks for the encoder's many tokens).
     """
+    dropout_active = (dropout_mid.p > 0 or dropout_out.p > 0) and dropout_mid.training
+    if activation is F.relu and not dropout_active:
+        return fused_layers.feed_forward(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias)
     if activation is F.relu:
         hidden = fused_layers.linear(x, linear1.weight, linear1.bias, relu=True)
     else:
         hidden = activation(linear1(x))
-    if (dropout_mid.p > 0 or dropout_out.p > 0) and dropout_mid.training:
+    if dropout_active:
         return x + dropout_out(linear2(dropout_mid(hidden)))
     return fused_layers.linear(hidden, linear2.weight, linear2.bias, residual=x)
+
+
+def attention_residual(attention: MSDeformAttn, dropout: nn.Dropout, x: Tensor, *args) -> Tensor:
+    """``x + dropout(attention(*args))``; with inactive dropout the attention's output projection adds ``x``."""
+    if dropout.p > 0 and dropout.training:
+        return x + dropout(attention(*args))
+    return attention(*args, identity=x)
 
 
 class DeformableTransformerEncoderLayer(nn.Module):
@@ -130,10 +141,10 @@ class DeformableTransformerEncoderLayer(nn.Module):
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
                 level_start_index: Tensor, padding_mask: Optional[Tensor],
                 spatial_shapes_list: SpatialShapes) -> Tensor:
-        """src, pos: (B, S, C); reference_points: (B, S, L, 2); padding_mask: (B, S). Returns (B, S, C)."""
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
-                                  padding_mask, spatial_shapes_list)
-        src = self.norm1(src + self.dropout1(attended))
+        """src, pos: (B, S, C); reference_points: (B, S, L, 2), or expanded to (B, S, M, L, P, 2) by
+        ``MSDeformAttn.expand_reference_points``; padding_mask: (B, S). Returns (B, S, C)."""
+        src = self.norm1(attention_residual(self.self_attn, self.dropout1, src, src + pos, reference_points, src,
+                                            spatial_shapes, level_start_index, padding_mask, spatial_shapes_list))
         return self.norm2(feed_forward_residual(src, self.linear1, self.activation, self.dropout2, self.linear2,
                                                 self.dropout3))
 
@@ -176,9 +187,9 @@ class DeformableTransformerDecoderLayer(nn.Module):
         q = k = tgt + query_pos
         attended = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
-        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                                   memory_padding_mask, spatial_shapes_list)
-        tgt = self.norm1(tgt + self.dropout1(attended))
+        tgt = self.norm1(attention_residual(self.cross_attn, self.dropout1, tgt, tgt + query_pos, reference_points,
+                                            memory, spatial_shapes, level_start_index, memory_padding_mask,
+                                            spatial_shapes_list))
         return self.norm3(feed_forward_residual(tgt, self.linear1, self.activation, self.dropout3, self.linear2,
                                                 self.dropout4))
 
@@ -215,6 +226,8 @@ class DeformableTransformerEncoder(nn.Module):
                 valid_ratios: Tensor, padding_mask: Tensor, spatial_shapes_list: SpatialShapes) -> Tensor:
         """src, pos: (B, S, C); padding_mask: (B, S); valid_ratios: (B, L, 2). Returns memory (B, S, C)."""
         reference_points = self.reference_points(spatial_shapes_list, valid_ratios)
+        if len(self.layers):  # written out once for every head and point, shared by all layers
+            reference_points = self.layers[0].self_attn.expand_reference_points(reference_points)
         output = src
         for layer in self.layers:
             output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask,

@@ -56,6 +56,55 @@ def test_linear_equals_linear_then_op(mode):
     assert weight.grad is not None
 
 
+@pytest.mark.parametrize('rows', [7, 40])
+def test_feed_forward_in_row_blocks_equals_the_two_linear_layers(monkeypatch, rows):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, rows, 6, generator=gen)
+    w1, b1 = torch.randn(12, 6, generator=gen), torch.randn(12, generator=gen)
+    w2, b2 = torch.randn(6, 12, generator=gen), torch.randn(6, generator=gen)
+    expected = x.double() + F.linear(F.linear(x.double(), w1.double(), b1.double()).clamp(min=0), w2.double(),
+                                     b2.double())
+    monkeypatch.setattr(fused_layers, 'FEED_FORWARD_BLOCK_BYTES', 4 * 12 * 9)  # blocks of 9 rows
+    seen = []
+    linear = fused_layers.linear
+    monkeypatch.setattr(fused_layers, 'linear', lambda x, *a, **k: seen.append(x.shape[0]) or linear(x, *a, **k))
+    with torch.inference_mode():
+        fast = fused_layers.feed_forward(x, w1, b1, w2, b2)
+    blocks = seen[::2]
+    assert fast.shape == x.shape and fast.is_contiguous()
+    if rows * 2 > 9 and fused_layers._ONEDNN:
+        assert max(blocks) == 9 and sum(blocks) == 2 * rows  # in blocks over the flattened rows
+    torch.testing.assert_close(fast.double(), expected, rtol=1e-5, atol=1e-5)
+    w1.requires_grad_(True)
+    plain = fused_layers.feed_forward(x, w1, b1, w2, b2)  # autograd: one call per linear layer
+    torch.testing.assert_close(plain.double(), expected, rtol=1e-5, atol=1e-5)
+    plain.sum().backward()
+    assert w1.grad is not None
+
+
+@pytest.mark.skipif(not fused_layers._ONEDNN, reason='torch without oneDNN')
+def test_a_packed_conv_weight_gives_the_plain_convolution_on_every_path():
+    x, weight, bias, residual = _conv_case(channels_last=True)
+    with torch.inference_mode():
+        packed = fused_layers.packed_conv_weight(weight, x, (2, 2), (1, 1))
+        assert packed.is_mkldnn
+        want = fused_layers.conv2d(x, weight, bias, (2, 2), (1, 1), residual=residual, relu=True)
+        got = fused_layers.conv2d(x, packed, bias, (2, 2), (1, 1), residual=residual, relu=True)
+        other_size = x[:, :, :7, :8]  # a layout chosen for one input size serves another
+        want_other = fused_layers.conv2d(other_size, weight, bias, (2, 2), (1, 1))
+        got_other = fused_layers.conv2d(other_size, packed, bias, (2, 2), (1, 1))
+    x_grad = x.clone().requires_grad_(True)  # a gradient to compute: not a oneDNN case, the plain op serves
+    unpacked = fused_layers.conv2d(x_grad, packed, bias, (2, 2), (1, 1))
+    unpacked.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_other, want_other, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unpacked.detach(), F.conv2d(x, weight, bias, stride=2, padding=1), rtol=1e-5,
+                               atol=1e-5)
+    assert x_grad.grad is not None
+    weight.requires_grad_(True)
+    assert fused_layers.packed_conv_weight(weight, x) is weight  # autograd: nothing to pack
+
+
 def test_the_fused_kernels_only_serve_float32_cpu_tensors_without_autograd():
     x = torch.randn(2, 3)
     assert fused_layers.onednn_applies(x) == fused_layers._ONEDNN
