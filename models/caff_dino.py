@@ -94,7 +94,7 @@ def _project(projection: nn.Sequential, x: torch.Tensor, samples: NestedTensor, 
             f'projection cannot normalise one value per group at batch size 1; use images larger than '
             f'{stride}x{stride} px (one side over {stride} px; eval_size / data_aug_scales in the config), a batch '
             f'of 2 or more, or hidden_dim >= {2 * norm.num_groups}')
-    return projection(x)
+    return projection(x).contiguous()  # a channels-last backbone map (ResNet at inference) gives one
 
 
 def _as_nested(samples) -> NestedTensor:

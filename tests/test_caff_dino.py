@@ -194,7 +194,7 @@ def test_modality_routing(tiny, query_modality):
     query_mean, key_value_mean = (-1.0, 1.0) if query_modality == 'ir' else (1.0, -1.0)
     assert seen['backbone_visible'] == pytest.approx(query_mean, abs=0.05)
     assert seen['backbone_ir'] == pytest.approx(key_value_mean, abs=0.05)
-    assert seen['caff_query'] is seen['input_proj']
+    assert torch.equal(seen['caff_query'], seen['input_proj'])  # the same values (a channels-last map is copied)
 
 
 @pytest.mark.parametrize('fusion_type,query_modality,used', [('rgb_only', 'ir', 'backbone_ir'),

@@ -102,7 +102,7 @@ def test_inference_folds_the_norms_into_the_convs_and_matches_the_autograd_path(
         folded = backbone(samples)
     assert len(backbone._folded) == sum(isinstance(m, nn.Conv2d) for m in backbone.modules())
     for got, want in zip(folded, reference):
-        assert got.tensors.is_contiguous()
+        assert got.tensors.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(got.mask, want.mask)
         torch.testing.assert_close(got.tensors, want.tensors.detach(), rtol=1e-4, atol=1e-5 * want.tensors.abs().max().item())
 

@@ -15,7 +15,9 @@ Differences from the reference:
   parameter frozen and the images not requiring grad), every FrozenBatchNorm2d is folded into the convolution
   before it (``W' = W * scale``, ``b' = shift``, computed once and kept until the weights change), the body
   runs channels-last, which oneDNN's CPU convolutions prefer, and each conv takes its ReLU and residual add
-  along (``models/fused_layers.py``). Same function; float32 results move by ~1e-6 relative. The folded copy holds one more set of the backbone's weights (94 MB for a ResNet-50).
+  along (``models/fused_layers.py``). Same function; float32 results move by ~1e-6 relative. The maps it
+  returns stay channels-last (same values, other strides). The folded copy holds one more set of the backbone's
+  weights (94 MB for a ResNet-50).
 """
 import torch
 import torch.nn.functional as F
@@ -138,7 +140,11 @@ class ResNetBackbone(nn.Module):
         sources = [conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var]
         if conv.bias is not None:
             sources.append(conv.bias)
-        weight, bias = self._folded.get(name, sources, lambda: fold_frozen_batchnorm(conv, norm))
+        def build():
+            weight, bias = fold_frozen_batchnorm(conv, norm)
+            return fused_layers.packed_conv_weight(weight, x, conv.stride, conv.padding, conv.dilation,
+                                                   conv.groups), bias
+        weight, bias = self._folded.get(name, sources, build)
         return fused_layers.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
                                    residual=residual, relu=relu)
 
@@ -157,7 +163,8 @@ class ResNetBackbone(nn.Module):
         return out
 
     def _forward_folded(self, images: Tensor) -> list[Tensor]:
-        """The body's forward without autograd (see the module docstring): the requested stages, contiguous."""
+        """The body's forward without autograd (see the module docstring): the requested stages, left
+        channels-last (the input projections' 1x1 convolutions read that layout faster than a copy to NCHW)."""
         body = self.body
         x = images.contiguous(memory_format=torch.channels_last)
         x = body.maxpool(self._conv_bn('conv1', body.conv1, body.bn1, x, relu=True))
@@ -168,7 +175,7 @@ class ResNetBackbone(nn.Module):
             for index, block in enumerate(layer):
                 x = self._block(f'{layer_name}.{index}', block, x)
             if layer_name in body.return_layers:
-                outs.append(x.contiguous())
+                outs.append(x)
         return outs
 
 
