@@ -116,8 +116,9 @@ class MSDeformAttn(nn.Module):
                 self._check_expanded(reference_points, n, lq)
             else:
                 reference_points = reference_points[:, :, None, :, None, :]
-            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)
-            locations = torch.addcdiv(reference_points, offsets, normalizer[None, None, None, :, None, :])
+            # (W_l, H_l) written out for every head and point: the division then runs over dense blocks
+            normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)[:, None, :].expand(m, n_levels, n_points, 2)
+            locations = torch.addcdiv(reference_points, offsets, normalizer.contiguous())
         elif reference_points.shape[-1] == 4:
             # ref_xy + (offsets / P) * (wh * 0.5): the reference's ref_xy + ((offsets / P) * wh) * 0.5 up to the
             # last bit (0.5 is a power of 2, but the kernel may fuse the multiply-add into one rounding)
