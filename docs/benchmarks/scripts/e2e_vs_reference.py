@@ -36,9 +36,11 @@ import argparse
 import contextlib
 import datetime
 import importlib
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import types
@@ -340,6 +342,56 @@ def table(variants: list[Variant], unit: str) -> str:
     return '\n'.join(lines)
 
 
+# ------------------------------------------------------------------------------------- isolated rounds
+
+CHILD_PREFIX = 'RUNS '
+
+
+def isolated(args, argv: list[str]) -> int:
+    """``--isolate``: every (round, variant) in a fresh child process of this script, so that no model runs
+    in a heap shaped by another (glibc's malloc returns freed memory to the system and takes it back with
+    page faults, and how often depends on what ran before in the process). The children alternate like the
+    in-process rounds, so the variants still share the load of the moment."""
+    child_argv = [a for a in argv if a != '--isolate']
+    for flag in ('--variants', '--rounds'):
+        while flag in child_argv:  # drop the flag and its values
+            i = child_argv.index(flag)
+            j = i + 1
+            while j < len(child_argv) and not child_argv[j].startswith('--'):
+                j += 1
+            del child_argv[i:j]
+    names = list(dict.fromkeys(args.variants))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_start = load_average()
+    print(f'# e2e CPU inference, ours vs reference, isolated processes, {started:%Y-%m-%d %H:%M:%S} UTC',
+          flush=True)
+    runs: dict[str, list] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names:
+            cmd = [sys.executable, __file__, *child_argv, '--variants', name, '--rounds', '1', '--json']
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith(CHILD_PREFIX)]
+            if done.returncode != 0 or not lines:
+                print(done.stdout[-2000:], done.stderr[-2000:], sep='\n')
+                raise SystemExit(f'isolated run of {name} failed (exit {done.returncode})')
+            run = json.loads(lines[-1][len(CHILD_PREFIX):])[name][0]
+            runs[name].append(run)
+            print(f'  round {r + 1} {name}: {run["total"]:.2f} s (own process)', flush=True)
+    ended = datetime.datetime.now(datetime.timezone.utc)
+    labels = {REFERENCE: REFERENCE_LABEL, **{n: v[0] for n, v in OUR_VARIANTS.items()}}
+    timed = [types.SimpleNamespace(name=n, label=labels[n], runs=runs[n]) for n in names]
+    print()
+    print(f'Machine: {machine()}; torch {torch.__version__}, Python {platform.python_version()}; '
+          f'torch threads {args.threads}')
+    print(f'Date: {started:%Y-%m-%d %H:%M:%S} - {ended:%H:%M:%S} UTC; load average at start {load_start}, '
+          f'at end {load_average()}')
+    print(f'Each variant and round in its own process: build, 1 warm-up, 1 timed forward; {args.rounds} round(s); '
+          f'clock {args.clock}')
+    print()
+    print(table(timed, 'CPU s' if args.clock == 'cpu' else 's'))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -362,7 +414,13 @@ def main(argv=None) -> int:
                         choices=[REFERENCE, *OUR_VARIANTS], help='run in this order in every round')
     parser.add_argument('--image-size', type=parse_size, default=(512, 640), metavar='HxW',
                         help='input height x width (default 512x640, i.e. a 640 x 512 W x H frame)')
+    parser.add_argument('--isolate', action='store_true',
+                        help='each variant in each round in its own fresh process (build, one warm-up, one timed '
+                             'forward), alternating as in-process rounds do; no output check')
+    parser.add_argument('--json', action='store_true', help=argparse.SUPPRESS)  # a child of --isolate
     args = parser.parse_args(argv)
+    if args.isolate:
+        return isolated(args, argv if argv is not None else sys.argv[1:])
 
     repo_root, ref_root = args.repo.resolve(), args.ref.resolve()
     for root, what in ((repo_root, 'config/DINO/DINO_4scale.py'), (ref_root, 'models/dino/dino.py')):
@@ -423,7 +481,8 @@ def main(argv=None) -> int:
     warm = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
-        for v in variants.values():  # untimed builds too: their outputs serve the equality check
+        # untimed builds too: their outputs serve the equality check (which a child of --isolate does not make)
+        for v in (timed if args.json else variants.values()):
             out, seconds = v.forward(record=False)
             warm[v.name] = {'pred_logits': out['pred_logits'].clone(), 'pred_boxes': out['pred_boxes'].clone(),
                             'memory': v.memory}
@@ -441,6 +500,9 @@ def main(argv=None) -> int:
         for v in timed:
             _, seconds = v.forward(record=True)
             print(f'  round {r + 1} {v.name}: {seconds:.2f} s', flush=True)
+    if args.json:
+        print(CHILD_PREFIX + json.dumps({v.name: v.runs for v in timed}))
+        return 0
 
     ended = datetime.datetime.now(datetime.timezone.utc)
     unit = 'CPU s' if args.clock == 'cpu' else 's'
