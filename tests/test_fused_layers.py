@@ -56,6 +56,19 @@ def test_linear_equals_linear_then_op(mode):
     assert weight.grad is not None
 
 
+def test_a_residual_keeps_its_precision_under_autocast():
+    """Under autocast the product runs in bfloat16 but the residual sum stays in float32, as ``out + residual``."""
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(5, 8, generator=gen), torch.randn(8, 8, generator=gen), torch.randn(8, generator=gen)
+    residual = torch.randn(5, 8, generator=gen) + 1000.0  # bfloat16 would round it to a multiple of 4 or 8
+    weight.requires_grad_(True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = fused_layers.linear(x, weight, bias, residual=residual)
+        want = F.linear(x, weight, bias) + residual
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize('rows', [7, 40])
 def test_feed_forward_in_row_blocks_equals_the_two_linear_layers(monkeypatch, rows):
     gen = torch.Generator().manual_seed(2)

@@ -404,6 +404,26 @@ def test_module_sampling_locations_are_the_reference_expressions_bit_for_bit(mon
         layer(query, layer.expand_reference_points(ref2)[:, :, :1], flat, spatial_shapes, level_start_index)
 
 
+def test_module_sampling_locations_under_autocast_round_like_the_reference(monkeypatch):
+    """Mixed precision (bfloat16 offsets, float32 points): the quotient is rounded in the offsets' dtype first."""
+    layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+    torch.nn.init.normal_(layer.sampling_offsets.weight, std=3.0)
+    query, flat, spatial_shapes, level_start_index, gen = module_inputs()
+    seen = []
+    monkeypatch.setattr(ms_deform_attn_layer, 'ms_deform_attn',
+                        lambda value, shapes, starts, locations, weights, *rest: seen.append(locations) or
+                        ms_deform_attn_pytorch(value.float(), shapes, locations.float(), weights.float(), rest[1]))
+    ref2, ref4 = torch.rand(2, 5, 2, 2, generator=gen), torch.rand(2, 5, 2, 4, generator=gen)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        offsets = layer.sampling_offsets(query).view(2, 5, 2, 2, 2, 2)
+        layer(query, ref2, flat, spatial_shapes, level_start_index)
+        layer(query, ref4, flat, spatial_shapes, level_start_index)
+    assert offsets.dtype == torch.bfloat16
+    normalizer = spatial_shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
+    assert torch.equal(seen[0], ref2[:, :, None, :, None, :] + offsets / normalizer)
+    assert torch.equal(seen[1], ref4[:, :, None, :, None, :2] + offsets / 2 * ref4[:, :, None, :, None, 2:] * 0.5)
+
+
 @pytest.mark.parametrize('grad', [False, True])
 def test_module_identity_is_added_by_the_output_projection(grad):
     layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)

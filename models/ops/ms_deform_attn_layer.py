@@ -118,12 +118,18 @@ class MSDeformAttn(nn.Module):
                 reference_points = reference_points[:, :, None, :, None, :]
             # (W_l, H_l) written out for every head and point: the division then runs over dense blocks
             normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)[:, None, :].expand(m, n_levels, n_points, 2)
-            locations = torch.addcdiv(reference_points, offsets, normalizer.contiguous())
+            if reference_points.dtype == offsets.dtype:
+                locations = torch.addcdiv(reference_points, offsets, normalizer.contiguous())
+            else:  # mixed precision (AMP): the reference's rounding, the quotient in the offsets' dtype
+                locations = reference_points + offsets / normalizer
         elif reference_points.shape[-1] == 4:
-            # ref_xy + (offsets / P) * (wh * 0.5): the reference's ref_xy + ((offsets / P) * wh) * 0.5 up to the
-            # last bit (0.5 is a power of 2, but the kernel may fuse the multiply-add into one rounding)
-            locations = torch.addcmul(reference_points[:, :, None, :, None, :2], offsets / n_points,
-                                      reference_points[:, :, None, :, None, 2:] * 0.5)
+            ref_xy, ref_wh = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
+            if reference_points.dtype == offsets.dtype:
+                # ref_xy + (offsets / P) * (wh * 0.5): the reference's ref_xy + ((offsets / P) * wh) * 0.5 up to
+                # the last bit (0.5 is a power of 2, but the kernel may fuse the multiply-add into one rounding)
+                locations = torch.addcmul(ref_xy, offsets / n_points, ref_wh * 0.5)
+            else:
+                locations = ref_xy + offsets / n_points * ref_wh * 0.5
         else:
             raise ValueError("MSDeformAttn: reference_points must end in 2 (x, y) or 4 (cx, cy, w, h), or be "
                              "expanded to 6 dimensions, got shape "
