@@ -113,8 +113,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | No
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'relu' if relu else 'none', [], '')
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, 'add')
-    if residual is not None and bias is not None and residual.dtype == x.dtype == weight.dtype and (
-            not torch.is_autocast_enabled(x.device.type)):
+    autocasting = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    if residual is not None and bias is not None and residual.dtype == x.dtype == weight.dtype and not autocasting:
         # The residual is the initial value of the product: addmm(residual + b, x, W^T), no extra output pass.
         # (Not under autocast or mixed dtypes: the sum stays in the residual's precision there, as out + residual.)
         flat = torch.addmm((residual + bias).reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())

@@ -67,6 +67,8 @@ def test_a_residual_keeps_its_precision_under_autocast():
         want = F.linear(x, weight, bias) + residual
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want)
+    on_meta = fused_layers.linear(x.to('meta'), weight.to('meta'), bias.to('meta'), residual=residual.to('meta'))
+    assert on_meta.shape == (5, 8)  # a device autocast does not know (meta: FLOP counting) is no autocast
 
 
 @pytest.mark.parametrize('rows', [7, 40])
