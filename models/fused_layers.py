@@ -4,10 +4,11 @@
     linear(x, W, b)                              x W^T + b                  (+ residual) or (then ReLU)
     feed_forward(x, W1, b1, W2, b2)              x + relu(x W1^T + b1) W2^T + b2, in row blocks on the CPU
 
-On the CPU, in float32 and without autograd, these run as one oneDNN primitive with post-ops
-(``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``, the fused kernels TorchInductor emits on
-CPU): the output is written once instead of once per element-wise op, and the linear layer skips the bias
-broadcast that ``addmm`` writes first. Everywhere else (autograd, CUDA, other dtypes, a torch without oneDNN) the
+On the CPU, in float32, without autograd and without autocast, each conv2d / linear runs as one oneDNN primitive
+with post-ops (``torch.ops.mkldnn._convolution_pointwise`` / ``_linear_pointwise``, the fused kernels
+TorchInductor emits on CPU; feed_forward is two of them per row block): the output is written once instead of
+once per element-wise op, and the linear layer skips the bias broadcast that ``addmm`` writes first. Everywhere
+else (autograd, autocast, CUDA, other dtypes, a torch without oneDNN) the
 same function is composed from PyTorch ops, the ReLU and the residual applied in place where that is
 autograd-safe. Both give the same values to float32 rounding (tests/test_fused_layers.py). Not in the reference.
 """
@@ -32,12 +33,20 @@ def tracing(*tensors: Tensor | None) -> bool:
     return any(t is not None and (isinstance(t, FakeTensor) or t.is_meta) for t in tensors)
 
 
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (False for types autocast does not know, e.g. meta)."""
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
 def onednn_applies(*tensors: Tensor | None) -> bool:
     """Whether the fused oneDNN kernels serve these tensors: oneDNN present, every tensor a float32 CPU tensor,
-    no gradient to compute (the fused kernels have no backward), and no tracer at work (``torch.export`` / ONNX
-    export and the other tracers of :func:`tracing` record the plain ops, which they know how to lower)."""
+    no autocast on the CPU (it runs the plain layers in bfloat16), no gradient to compute (the fused kernels have
+    no backward), and no tracer at work (``torch.export`` / ONNX export and the other tracers of :func:`tracing`
+    record the plain ops, which they know how to lower)."""
     present = [t for t in tensors if t is not None]
     if not _ONEDNN or tracing(*present) or any(t.device.type != 'cpu' or t.dtype != torch.float32 for t in present):
+        return False
+    if autocasting(torch.device('cpu')):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
@@ -113,8 +122,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | No
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'relu' if relu else 'none', [], '')
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, 'add')
-    autocasting = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if residual is not None and bias is not None and residual.dtype == x.dtype == weight.dtype and not autocasting:
+    if residual is not None and bias is not None and residual.dtype == x.dtype == weight.dtype and (
+            not autocasting(x.device)):
         # The residual is the initial value of the product: addmm(residual + b, x, W^T), no extra output pass.
         # (Not under autocast or mixed dtypes: the sum stays in the residual's precision there, as out + residual.)
         flat = torch.addmm((residual + bias).reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())

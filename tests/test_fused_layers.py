@@ -56,6 +56,17 @@ def test_linear_equals_linear_then_op(mode):
     assert weight.grad is not None
 
 
+def test_under_cpu_autocast_the_plain_layers_serve():
+    """Autocast inference (``engine.evaluate`` with amp) runs the layers in bfloat16, as nn.Linear / nn.Conv2d do."""
+    gen = torch.Generator().manual_seed(4)
+    x, weight, bias = torch.randn(4, 8, generator=gen), torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not fused_layers.onednn_applies(x, weight, bias)
+        assert fused_layers.linear(x, weight, bias).dtype == F.linear(x, weight, bias).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert fused_layers.onednn_applies(x, weight, bias) == fused_layers._ONEDNN
+
+
 def test_a_residual_keeps_its_precision_under_autocast():
     """Under autocast the product runs in bfloat16 but the residual sum stays in float32, as ``out + residual``."""
     gen = torch.Generator().manual_seed(3)

@@ -405,14 +405,15 @@ def test_module_sampling_locations_are_the_reference_expressions_bit_for_bit(mon
 
 
 def test_module_sampling_locations_under_autocast_round_like_the_reference(monkeypatch):
-    """Mixed precision (bfloat16 offsets, float32 points): the quotient is rounded in the offsets' dtype first."""
+    """Mixed precision (bfloat16 offsets, float32 points) and a bfloat16 model: the reference's two roundings."""
     layer = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
     torch.nn.init.normal_(layer.sampling_offsets.weight, std=3.0)
     query, flat, spatial_shapes, level_start_index, gen = module_inputs()
     seen = []
     monkeypatch.setattr(ms_deform_attn_layer, 'ms_deform_attn',
                         lambda value, shapes, starts, locations, weights, *rest: seen.append(locations) or
-                        ms_deform_attn_pytorch(value.float(), shapes, locations.float(), weights.float(), rest[1]))
+                        ms_deform_attn_pytorch(value.float(), shapes, locations.float(), weights.float(), rest[1]
+                                               ).to(value.dtype))
     ref2, ref4 = torch.rand(2, 5, 2, 2, generator=gen), torch.rand(2, 5, 2, 4, generator=gen)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         offsets = layer.sampling_offsets(query).view(2, 5, 2, 2, 2, 2)
@@ -422,6 +423,13 @@ def test_module_sampling_locations_under_autocast_round_like_the_reference(monke
     normalizer = spatial_shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
     assert torch.equal(seen[0], ref2[:, :, None, :, None, :] + offsets / normalizer)
     assert torch.equal(seen[1], ref4[:, :, None, :, None, :2] + offsets / 2 * ref4[:, :, None, :, None, 2:] * 0.5)
+    half = layer.bfloat16()  # a half-precision model: the one-pass kernels would round once, in float
+    query, ref2, ref4 = query.bfloat16(), ref2.bfloat16(), ref4.bfloat16()
+    offsets = half.sampling_offsets(query).view(2, 5, 2, 2, 2, 2)
+    half(query, ref2, flat.bfloat16(), spatial_shapes, level_start_index)
+    half(query, ref4, flat.bfloat16(), spatial_shapes, level_start_index)
+    assert torch.equal(seen[2], ref2[:, :, None, :, None, :] + offsets / normalizer)
+    assert torch.equal(seen[3], ref4[:, :, None, :, None, :2] + offsets / 2 * ref4[:, :, None, :, None, 2:] * 0.5)
 
 
 @pytest.mark.parametrize('grad', [False, True])

@@ -19,6 +19,13 @@ from .. import fused_layers
 from .ms_deform_attn_func import check_backend_name, ms_deform_attn
 
 
+def _one_pass_rounds_alike(reference_points: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Whether ``addcdiv`` / ``addcmul`` round like the reference's two-step expression: both tensors float32 or
+    both float64. Mixed dtypes (AMP: half offsets, float32 points) and half-precision models (the one-pass kernels
+    compute in float and round once) keep the expression itself."""
+    return reference_points.dtype == offsets.dtype and offsets.dtype in (torch.float32, torch.float64)
+
+
 class MSDeformAttn(nn.Module):
     """Each query attends to n_points sampled positions per head and level around its reference point.
 
@@ -118,13 +125,13 @@ class MSDeformAttn(nn.Module):
                 reference_points = reference_points[:, :, None, :, None, :]
             # (W_l, H_l) written out for every head and point: the division then runs over dense blocks
             normalizer = input_spatial_shapes.flip(-1).to(offsets.dtype)[:, None, :].expand(m, n_levels, n_points, 2)
-            if reference_points.dtype == offsets.dtype:
+            if _one_pass_rounds_alike(reference_points, offsets):
                 locations = torch.addcdiv(reference_points, offsets, normalizer.contiguous())
-            else:  # mixed precision (AMP): the reference's rounding, the quotient in the offsets' dtype
+            else:  # the reference's rounding, the quotient in the offsets' dtype
                 locations = reference_points + offsets / normalizer
         elif reference_points.shape[-1] == 4:
             ref_xy, ref_wh = reference_points[:, :, None, :, None, :2], reference_points[:, :, None, :, None, 2:]
-            if reference_points.dtype == offsets.dtype:
+            if _one_pass_rounds_alike(reference_points, offsets):
                 # ref_xy + (offsets / P) * (wh * 0.5): the reference's ref_xy + ((offsets / P) * wh) * 0.5 up to
                 # the last bit (0.5 is a power of 2, but the kernel may fuse the multiply-add into one rounding)
                 locations = torch.addcmul(ref_xy, offsets / n_points, ref_wh * 0.5)

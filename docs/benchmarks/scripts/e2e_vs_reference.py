@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end CPU inference of our CAFF-DINO R50 4-scale next to the reference's, in one process.
+"""End-to-end CPU inference of our CAFF-DINO R50 4-scale next to the reference's, in one process or one each.
 
 The command behind the side-by-side tables of docs/benchmarks/e2e_cpu.md. It lives with the benchmark pages, not
 in tools/: nothing in the framework or its tests imports it, so the repository does not depend on the reference.
