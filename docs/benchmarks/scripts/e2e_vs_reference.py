@@ -426,13 +426,13 @@ def main(argv=None) -> int:
                              'forward), alternating as in-process rounds do; no output check')
     parser.add_argument('--json', action='store_true', help=argparse.SUPPRESS)  # a child of --isolate
     args = parser.parse_args(argv)
-    if args.isolate:
-        return isolated(args, argv if argv is not None else sys.argv[1:])
 
     repo_root, ref_root = args.repo.resolve(), args.ref.resolve()
     for root, what in ((repo_root, 'config/DINO/DINO_4scale.py'), (ref_root, 'models/dino/dino.py')):
         if not (root / what).is_file():
             parser.error(f'{root} has no {what}')
+    if args.isolate:
+        return isolated(args, argv if argv is not None else sys.argv[1:])
     if os.environ.pop('CAFF_MSDA_BACKEND', None) is not None:
         print('note: CAFF_MSDA_BACKEND was set; unset here so that each variant gets its own backend')
     if 'TORCH_EXTENSIONS_DIR' not in os.environ and (repo_root / '.torch_extensions').is_dir():
