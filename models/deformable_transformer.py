@@ -92,6 +92,11 @@ def encoder_output_proposals(memory: Tensor, padding_mask: Tensor, spatial_shape
     return output_memory, output_proposals
 
 
+def dropping(*dropouts: nn.Dropout) -> bool:
+    """Whether any of these dropout layers changes its input now (p > 0 in training mode)."""
+    return any(d.p > 0 and d.training for d in dropouts)
+
+
 def feed_forward_residual(x: Tensor, linear1: nn.Linear, activation, dropout_mid: nn.Dropout, linear2: nn.Linear,
                           dropout_out: nn.Dropout) -> Tensor:
     """``x + dropout_out(linear2(dropout_mid(activation(linear1(x)))))`` for ``x`` (..., C).
@@ -100,7 +105,7 @@ def feed_forward_residual(x: Tensor, linear1: nn.Linear, activation, dropout_mid
     linear layers themselves (``models/fused_layers.py``: one oneDNN kernel each on the CPU without autograd,
     in cache-sized row blocks for the encoder's many tokens).
     """
-    dropout_active = (dropout_mid.p > 0 or dropout_out.p > 0) and dropout_mid.training
+    dropout_active = dropping(dropout_mid, dropout_out)
     if activation is F.relu and not dropout_active:
         return fused_layers.feed_forward(x, linear1.weight, linear1.bias, linear2.weight, linear2.bias)
     if activation is F.relu:
@@ -114,7 +119,7 @@ def feed_forward_residual(x: Tensor, linear1: nn.Linear, activation, dropout_mid
 
 def attention_residual(attention: MSDeformAttn, dropout: nn.Dropout, x: Tensor, *args) -> Tensor:
     """``x + dropout(attention(*args))``; with inactive dropout the attention's output projection adds ``x``."""
-    if dropout.p > 0 and dropout.training:
+    if dropping(dropout):
         return x + dropout(attention(*args))
     return attention(*args, identity=x)
 
