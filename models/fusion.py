@@ -80,11 +80,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_layers import tracing
+from . import fused_layers
 from .utils import DerivedTensors
 
 # State-dict names of the three CAFF branches, by position; the reference kernel sizes are 1, 5 (named k3) and 7.
 BRANCH_NAMES = ('attention_stages_k1', 'attention_stages_k3', 'attention_stages_k7')
+
+# Packed branch weights where the weight has at least this many times the values of the output (see
+# CrossSpectrumAttention._grouped_conv). Measured per conv at 512 x 640 (2 threads): the weight/output ratio is
+# 1.4-2.9 at level 0, where packing loses (7x7: 282 -> 291 ms with the copy back), and 6-180 at levels 1-3, where
+# it wins (7x7: 72 -> 57, 24 -> 11, 15 -> 2.4 ms).
+_PACK_MIN_WEIGHT_TO_OUTPUT = 4
 
 # Distinct map shapes kept by the PE cache (levels x a few image sizes); each entry is C*H*W values.
 _PE_CACHE_SIZE = 16
@@ -197,17 +203,39 @@ class CrossSpectrumAttention(nn.Module):
         for group in groups:
             members = [convs[i] for i in group]
             x = inputs[group[0]]
-            if len(group) == 1 or not all(isinstance(conv, nn.Conv2d) for conv in members):
+            if not all(isinstance(conv, nn.Conv2d) for conv in members):
                 for i, conv in zip(group, members):
                     outs[i] = conv(x)
                 continue
-            weight, bias = self._fused.get(
-                (name, group), [t for conv in members for t in (conv.weight, conv.bias)],
-                lambda: (torch.cat([conv.weight for conv in members]), torch.cat([conv.bias for conv in members])))
-            fused = F.conv2d(x, weight, bias)
+            fused = self._grouped_conv(f'{name}.{"".join(map(str, group))}', members, x)
             for i, part in zip(group, fused.split([conv.out_channels for conv in members], dim=1)):
                 outs[i] = part
         return outs
+
+    def _grouped_conv(self, key: str, members: list[nn.Conv2d], x: torch.Tensor) -> torch.Tensor:
+        """``cat([conv(x) for conv in members], dim=1)`` as one unpadded convolution, ``(B, sum C_out, H', W')``.
+
+        Without autograd, on the fused CPU path, the weight is kept packed (:func:`fused_layers.packed_conv_weight`)
+        where it is at least ``_PACK_MIN_WEIGHT_TO_OUTPUT`` times the output's size: a plain weight is reordered
+        inside every oneDNN call, a packed one writes a channels-last output that is copied back to NCHW for the
+        row attention, so packing pays on small maps only. Elsewhere the output is the separate convs', bit for bit.
+        """
+        kernel_h, kernel_w = members[0].kernel_size
+        out_channels = sum(conv.out_channels for conv in members)
+        out_numel = x.shape[0] * out_channels * (x.shape[-2] - kernel_h + 1) * (x.shape[-1] - kernel_w + 1)
+        sources = [t for conv in members for t in (conv.weight, conv.bias)]
+        pack = (fused_layers.onednn_applies(x, *sources)
+                and sum(conv.weight.numel() for conv in members) >= _PACK_MIN_WEIGHT_TO_OUTPUT * out_numel)
+
+        def build():
+            weight = torch.cat([conv.weight for conv in members]) if len(members) > 1 else members[0].weight
+            bias = torch.cat([conv.bias for conv in members]) if len(members) > 1 else members[0].bias
+            return (fused_layers.packed_conv_weight(weight, x) if pack else weight), bias
+
+        weight, bias = self._fused.get((key, pack), sources, build)
+        if pack:
+            return fused_layers.conv2d(x, weight, bias).contiguous()
+        return F.conv2d(x, weight, bias)
 
     def _branch(self, name: str, kernel_size: int, convs: nn.ModuleList, x1: torch.Tensor, x2: torch.Tensor,
                 pos: torch.Tensor | None) -> torch.Tensor:
@@ -239,7 +267,7 @@ class CrossSpectrumAttention(nn.Module):
             raise ValueError(f'CrossSpectrumAttention expects two maps of shape (B, {self.channels}, H, W); '
                              f'got {tuple(x1.shape)} and {tuple(x2.shape)}')
         height, width = x1.shape[-2:]
-        if tracing(x1):  # torch.export / compile: sizes are symbolic and tensors fake, the cache needs ints
+        if fused_layers.tracing(x1):  # torch.export / compile: sizes are symbolic and tensors fake, the cache needs ints
             pos = _combined_position_encoding.__wrapped__(self.channels, height, width, x1.device, x1.dtype)
         else:
             pos = _combined_position_encoding(self.channels, height, width, x1.device, x1.dtype)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models import fused_layers
 from models.fusion import (FUSION_TYPES, CrossSpectrumAttention, _combined_position_encoding, build_fusion,
                            caff_position_encoding)
 
@@ -218,6 +219,26 @@ def test_projections_reading_one_map_run_as_one_conv_bit_for_bit(same_input):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not fused_layers.onednn_applies(torch.zeros(1)), reason='needs the oneDNN CPU kernels')
+@pytest.mark.parametrize('size, packed', [((8, 9), True), ((40, 44), False)])
+def test_branch_weights_are_packed_on_small_maps_only_and_give_the_separate_convs(size, packed):
+    """Without autograd the k x k weights are kept packed where they outweigh the output 4:1 (small maps); the
+    outputs then equal the separate convs to float32 rounding, and stay NCHW for the row attention."""
+    torch.manual_seed(0)
+    module = CrossSpectrumAttention(channels=16, proj_dim=4)
+    convs = module.attention_stages_k7[0]
+    x1, x2 = torch.randn(2, 1, 16, *size)
+    with torch.inference_mode():
+        got = module._projections('k7.0', convs, x1, x2)
+        expected = _separate_projections(convs, x1, x2)
+    assert {key[1] for key in module._fused._entries} == {packed}
+    for a, b in zip(got, expected):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        if not packed:
+            assert torch.equal(a, b)
+
+
 def test_fused_weights_are_kept_without_autograd_and_rebuilt_when_the_weights_change():
     torch.manual_seed(0)
     module = CrossSpectrumAttention(channels=8, proj_dim=4)
@@ -227,7 +248,7 @@ def test_fused_weights_are_kept_without_autograd_and_rebuilt_when_the_weights_ch
     with torch.inference_mode():
         first = module(x1, x2)
     entries = len(module._fused)
-    assert entries == 3 * (1 + 1)  # per branch: key+value of stage 1, query+key+value of stage 2
+    assert entries == 3 * (2 + 1)  # per branch: query and key+value of stage 1, query+key+value of stage 2
     state = {k: v + 0.01 * torch.randn_like(v) for k, v in module.state_dict().items()}
     module.load_state_dict(state)
     with torch.no_grad():
