@@ -60,8 +60,9 @@ def packed_conv_weight(weight: Tensor, x: Tensor, stride: Sequence[int] = (1, 1)
     with its weights packed once (same values, bit for bit). The result is an opaque mkldnn tensor, meant to be
     kept (``models.utils.DerivedTensors``); the layout is chosen for ``x``'s shape and serves any other shape
     too. :func:`conv2d` turns it back into a dense tensor where the fused kernels do not serve. A convolution
-    with a packed weight writes a channels-last output, so it pays only where the next layer reads that layout
-    (the channels-last backbone, not CAFF's NCHW row attention).
+    with a packed weight writes a channels-last output, so it pays where the next layer reads that layout (the
+    channels-last backbone) or where the weight is much larger than the output (CAFF's branch convs on small
+    maps, whose outputs are copied back to NCHW).
     """
     if not onednn_applies(x, weight):
         return weight

@@ -61,7 +61,11 @@ Differences from the reference, none of which changes its output where the refer
   same, bit for bit (each output channel is the same dot product). The state dict keeps the reference's separate
   convs; the concatenated weights are built per call while training and kept between calls at inference
   (:class:`models.utils.DerivedTensors`; for the R50 model that is a second copy of 5/6 of the fusion weights,
-  about 400 MB).
+  about 400 MB, plus the stage-1 query weights of levels 1-3, about 60 MB).
+- At inference on the fused CPU path, a branch conv whose weight has at least 4 times the values of its output
+  (the small maps: levels 1-3 at 512 x 640) keeps its weight packed in oneDNN's layout, as the ResNet does: the
+  plain call reorders the weight every time, and here that costs more than copying the channels-last output
+  back to NCHW. Same math; the sums run in another order (float32 rounding, about 1e-6 relative).
 - The PE is computed once per ``(C, H, W, device, dtype)`` and cached (the reference rebuilds it on the CPU at
   every call). It is computed like the reference's, in float32 on the CPU, then cast to the input dtype
   (the reference adds the float32 PE and lets type promotion act, which differs only for half precision).
