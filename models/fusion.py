@@ -92,8 +92,8 @@ BRANCH_NAMES = ('attention_stages_k1', 'attention_stages_k3', 'attention_stages_
 
 # Packed branch weights where the weight has at least this many times the values of the output (see
 # CrossSpectrumAttention._grouped_conv). Measured per conv at 512 x 640 (2 threads): the weight/output ratio is
-# 1.4-2.9 at level 0, where packing loses (7x7: 282 -> 291 ms with the copy back), and 6-180 at levels 1-3, where
-# it wins (7x7: 72 -> 57, 24 -> 11, 15 -> 2.4 ms).
+# 1.4-2.9 at level 0, where packing loses (7x7: 282 -> 291 ms with the copy back), and 6-1,600 at levels 1-3,
+# where it wins (7x7: 72 -> 57, 24 -> 11, 15 -> 2.4 ms).
 _PACK_MIN_WEIGHT_TO_OUTPUT = 4
 
 # Distinct map shapes kept by the PE cache (levels x a few image sizes); each entry is C*H*W values.
@@ -271,7 +271,7 @@ class CrossSpectrumAttention(nn.Module):
             raise ValueError(f'CrossSpectrumAttention expects two maps of shape (B, {self.channels}, H, W); '
                              f'got {tuple(x1.shape)} and {tuple(x2.shape)}')
         height, width = x1.shape[-2:]
-        if fused_layers.tracing(x1):  # torch.export / compile: sizes are symbolic and tensors fake, the cache needs ints
+        if fused_layers.tracing(x1):  # export / compile: sizes are symbolic and tensors fake, the cache needs ints
             pos = _combined_position_encoding.__wrapped__(self.channels, height, width, x1.device, x1.dtype)
         else:
             pos = _combined_position_encoding(self.channels, height, width, x1.device, x1.dtype)
