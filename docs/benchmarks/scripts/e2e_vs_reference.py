@@ -349,6 +349,14 @@ def table(variants: list[Variant], unit: str) -> str:
     return '\n'.join(lines)
 
 
+def print_run_facts(threads: int, started: datetime.datetime, ended: datetime.datetime, load_start: str) -> None:
+    """The machine, software, thread count, time span and load lines under every table."""
+    print(f'Machine: {machine()}; torch {torch.__version__}, Python {platform.python_version()}; '
+          f'torch threads {threads}')
+    print(f'Date: {started:%Y-%m-%d %H:%M:%S} - {ended:%H:%M:%S} UTC; load average at start {load_start}, '
+          f'at end {load_average()}')
+
+
 # ------------------------------------------------------------------------------------- isolated rounds
 
 CHILD_PREFIX = 'RUNS '
@@ -388,10 +396,7 @@ def isolated(args, argv: list[str]) -> int:
     labels = {REFERENCE: REFERENCE_LABEL, **{n: v[0] for n, v in OUR_VARIANTS.items()}}
     timed = [types.SimpleNamespace(name=n, label=labels[n], runs=runs[n]) for n in names]
     print()
-    print(f'Machine: {machine()}; torch {torch.__version__}, Python {platform.python_version()}; '
-          f'torch threads {args.threads}')
-    print(f'Date: {started:%Y-%m-%d %H:%M:%S} - {ended:%H:%M:%S} UTC; load average at start {load_start}, '
-          f'at end {load_average()}')
+    print_run_facts(args.threads, started, ended, load_start)
     print(f'Each variant and round in its own process: build, 1 warm-up, 1 timed forward; {args.rounds} round(s); '
           f'clock {args.clock}')
     print()
@@ -514,10 +519,7 @@ def main(argv=None) -> int:
     ended = datetime.datetime.now(datetime.timezone.utc)
     unit = 'CPU s' if args.clock == 'cpu' else 's'
     print()
-    print(f'Machine: {machine()}; torch {torch.__version__}, Python {platform.python_version()}; '
-          f'torch threads {torch.get_num_threads()}')
-    print(f'Date: {started:%Y-%m-%d %H:%M:%S} - {ended:%H:%M:%S} UTC; load average at start {load_start}, '
-          f'at end {load_average()}')
+    print_run_facts(torch.get_num_threads(), started, ended, load_start)
     print(f'Input: {width} x {height} (W x H), batch 1, no resize, no padding; clock: {args.clock} '
           f'({CLOCKS[args.clock].__module__}.{CLOCKS[args.clock].__name__}); {args.rounds} round(s), '
           f'1 warm-up each; MSDeformAttn resolved: '
